@@ -1,0 +1,37 @@
+// Launchers of the CUDA kernels of the fused BatchNorm + add + ReLU op, in plain C++ types so
+// the torch glue (csrc/ops.cpp) and the torch-free kernels (bn_add_relu.cu) share only this.
+// Every launcher enqueues on `stream`, never synchronises, and returns the launch status.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/types.h"
+
+namespace fused_resnet {
+namespace cuda {
+
+// Scratch memory (bytes) the two-level reductions need for partial results.
+size_t bn_stats_workspace_bytes(Geometry g);
+size_t grad_reduce_workspace_bytes(Geometry g);
+
+cudaError_t bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var,
+                     void* workspace, cudaStream_t stream);
+
+cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
+                              const float* scale, const float* shift, bool relu, Geometry g,
+                              void* out, uint8_t* mask, cudaStream_t stream);
+
+cudaError_t bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask,
+                                    const void* x, const float* mean, bool relu, Geometry g,
+                                    float* sum_dz, float* sum_dz_xmu, void* workspace,
+                                    cudaStream_t stream);
+
+cudaError_t bn_add_relu_grad_apply(DType dtype, const void* grad, const uint8_t* mask,
+                                   const void* x, const float* mean, const float* k,
+                                   const float* b, const float* c, bool relu, Geometry g,
+                                   void* dx, void* dres, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_resnet

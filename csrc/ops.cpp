@@ -1,0 +1,300 @@
+// torch glue of fused_resnet._C: operator schemas, input checks, memory layout, allocation.
+// The kernels themselves take plain pointers: csrc/cpu/*.cpp and the torch-free csrc/cuda/*.cu.
+//
+// The ops registered here are the C++ backend of the Python-level custom ops in
+// fused_resnet/ops/ (which pick a backend and own the fake/autograd registrations). They are
+// registered per dispatch key (CPU, and CUDA when built with CUDA), so PyTorch's dispatcher
+// routes by device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "common/types.h"
+#include "cpu/bn_add_relu.h"
+
+#ifdef FR_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/bn_add_relu_launch.h"
+#endif
+
+#define FR_STR_(x) #x
+#define FR_STR(x) FR_STR_(x)
+
+namespace fused_resnet {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Layout: kernels see a dense tensor in memory order. NCHW-contiguous input stays NCHW,
+// channels_last-contiguous stays NHWC, anything else is copied to NCHW. The same rule is in
+// fused_resnet/ops/_layout.py (fake tensors) and decides the bit order of the ReLU mask.
+at::MemoryFormat kernel_format(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+Geometry geometry(const Tensor& x, at::MemoryFormat fmt) {
+  const int64_t hw = x.size(2) * x.size(3);
+  if (fmt == at::MemoryFormat::ChannelsLast) return Geometry{x.size(0) * hw, x.size(1), 1};
+  return Geometry{x.size(0), x.size(1), hw};
+}
+
+DType kernel_dtype(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, "fused_resnet: unsupported dtype ", x.scalar_type(),
+              "; expected float32, float16 or bfloat16");
+}
+
+void check_input(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, "fused_resnet: ", name, " must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D with shape ", x.sizes());
+  kernel_dtype(x);
+}
+
+void check_like(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fused_resnet: ", name, " has shape ", t.sizes(),
+              " but input has shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet: ", name, " has dtype ",
+              t.scalar_type(), " but input has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fused_resnet: ", name, " is on ", t.device(),
+              " but input is on ", x.device());
+}
+
+Tensor per_channel(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "fused_resnet: ", name,
+              " must have shape (", x.size(1), ",) for an input with ", x.size(1),
+              " channels, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fused_resnet: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fused_resnet: ", name, " is on ", t.device(),
+              " but input is on ", x.device());
+  return t.contiguous();
+}
+
+Tensor checked_mask(const Tensor& mask, const Tensor& x, bool relu) {
+  if (!relu) return mask;
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 &&
+                  mask.numel() == mask_bytes(x.numel()),
+              "fused_resnet: mask must be a uint8 tensor of ", mask_bytes(x.numel()),
+              " bytes (one bit per input element), got ", mask.scalar_type(), " of shape ",
+              mask.sizes());
+  TORCH_CHECK(mask.device() == x.device(), "fused_resnet: mask is on ", mask.device(),
+              " but input is on ", x.device());
+  return mask.contiguous();
+}
+
+Tensor empty_per_channel(const Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+}
+
+Tensor empty_mask(const Tensor& x, bool relu) {
+  return at::empty({relu ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
+}
+
+Tensor empty_like_format(const Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(x.sizes(), x.options().memory_format(fmt));
+}
+
+#ifdef FR_WITH_CUDA
+cudaStream_t current_stream(const Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet: ", what, " CUDA launch failed: ",
+              cudaGetErrorString(err));
+}
+
+Tensor workspace(const Tensor& x, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+}
+#endif
+
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_input(x_in, "input");
+  const auto fmt = kernel_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  const Geometry g = geometry(x, fmt);
+  Tensor mean = empty_per_channel(x), var = empty_per_channel(x);
+#ifdef FR_WITH_CUDA
+  if (x.is_cuda()) {
+    c10::cuda::CUDAGuard guard(x.device());
+    Tensor ws = workspace(x, cuda::bn_stats_workspace_bytes(g));
+    check_launch(cuda::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, mean.mutable_data_ptr<float>(),
+                                var.mutable_data_ptr<float>(), ws.mutable_data_ptr(),
+                                current_stream(x)),
+                 "bn_stats");
+    return {mean, var};
+  }
+#endif
+  cpu::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, mean.mutable_data_ptr<float>(),
+                var.mutable_data_ptr<float>());
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
+                                             const std::optional<Tensor>& residual_in,
+                                             const Tensor& scale_in, const Tensor& shift_in,
+                                             bool relu) {
+  check_input(x_in, "input");
+  const auto fmt = kernel_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  Tensor residual;
+  if (residual_in.has_value() && residual_in->defined()) {
+    check_like(*residual_in, x, "residual");
+    residual = residual_in->contiguous(fmt);
+  }
+  const Tensor scale = per_channel(scale_in, x, "scale");
+  const Tensor shift = per_channel(shift_in, x, "shift");
+  const Geometry g = geometry(x, fmt);
+  Tensor out = empty_like_format(x, fmt);
+  Tensor mask = empty_mask(x, relu);
+  uint8_t* mask_ptr = relu ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+#ifdef FR_WITH_CUDA
+  if (x.is_cuda()) {
+    c10::cuda::CUDAGuard guard(x.device());
+    check_launch(cuda::bn_add_relu_apply(kernel_dtype(x), x.const_data_ptr(),
+                                         data_or_null(residual), scale.const_data_ptr<float>(),
+                                         shift.const_data_ptr<float>(), relu, g,
+                                         out.mutable_data_ptr(), mask_ptr, current_stream(x)),
+                 "bn_add_relu_apply");
+    return {out, mask};
+  }
+#endif
+  cpu::bn_add_relu_apply(kernel_dtype(x), x.const_data_ptr(), data_or_null(residual),
+                         scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g,
+                         out.mutable_data_ptr(), mask_ptr);
+  return {out, mask};
+}
+
+std::tuple<Tensor, Tensor> bn_add_relu_grad_reduce(const Tensor& grad_in, const Tensor& mask_in,
+                                                   const Tensor& x_in, const Tensor& mean_in,
+                                                   bool relu) {
+  check_input(x_in, "input");
+  check_like(grad_in, x_in, "grad");
+  const auto fmt = kernel_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor grad = grad_in.contiguous(fmt);
+  const Tensor mask = checked_mask(mask_in, x, relu);
+  const Tensor mean = per_channel(mean_in, x, "mean");
+  const Geometry g = geometry(x, fmt);
+  const uint8_t* mask_ptr = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
+  Tensor sum_dz = empty_per_channel(x), sum_dz_xmu = empty_per_channel(x);
+#ifdef FR_WITH_CUDA
+  if (x.is_cuda()) {
+    c10::cuda::CUDAGuard guard(x.device());
+    Tensor ws = workspace(x, cuda::grad_reduce_workspace_bytes(g));
+    check_launch(cuda::bn_add_relu_grad_reduce(
+                     kernel_dtype(x), grad.const_data_ptr(), mask_ptr, x.const_data_ptr(),
+                     mean.const_data_ptr<float>(), relu, g, sum_dz.mutable_data_ptr<float>(),
+                     sum_dz_xmu.mutable_data_ptr<float>(), ws.mutable_data_ptr(),
+                     current_stream(x)),
+                 "bn_add_relu_grad_reduce");
+    return {sum_dz, sum_dz_xmu};
+  }
+#endif
+  cpu::bn_add_relu_grad_reduce(kernel_dtype(x), grad.const_data_ptr(), mask_ptr,
+                               x.const_data_ptr(), mean.const_data_ptr<float>(), relu, g,
+                               sum_dz.mutable_data_ptr<float>(),
+                               sum_dz_xmu.mutable_data_ptr<float>());
+  return {sum_dz, sum_dz_xmu};
+}
+
+std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const Tensor& mask_in,
+                                                  const Tensor& x_in, const Tensor& mean_in,
+                                                  const Tensor& k_in, const Tensor& b_in,
+                                                  const Tensor& c_in, bool relu,
+                                                  bool residual_grad) {
+  check_input(x_in, "input");
+  check_like(grad_in, x_in, "grad");
+  const auto fmt = kernel_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor grad = grad_in.contiguous(fmt);
+  const Tensor mask = checked_mask(mask_in, x, relu);
+  const Tensor mean = per_channel(mean_in, x, "mean");
+  const Tensor k = per_channel(k_in, x, "k");
+  const Tensor b = per_channel(b_in, x, "b");
+  const Tensor c = per_channel(c_in, x, "c");
+  const Geometry g = geometry(x, fmt);
+  const uint8_t* mask_ptr = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
+  Tensor dx = empty_like_format(x, fmt);
+  Tensor dres = residual_grad ? empty_like_format(x, fmt) : at::empty({0}, x.options());
+  void* dres_ptr = residual_grad ? dres.mutable_data_ptr() : nullptr;
+#ifdef FR_WITH_CUDA
+  if (x.is_cuda()) {
+    c10::cuda::CUDAGuard guard(x.device());
+    check_launch(cuda::bn_add_relu_grad_apply(
+                     kernel_dtype(x), grad.const_data_ptr(), mask_ptr, x.const_data_ptr(),
+                     mean.const_data_ptr<float>(), k.const_data_ptr<float>(),
+                     b.const_data_ptr<float>(), c.const_data_ptr<float>(), relu, g,
+                     dx.mutable_data_ptr(), dres_ptr, current_stream(x)),
+                 "bn_add_relu_grad_apply");
+    return {dx, dres};
+  }
+#endif
+  cpu::bn_add_relu_grad_apply(kernel_dtype(x), grad.const_data_ptr(), mask_ptr,
+                              x.const_data_ptr(), mean.const_data_ptr<float>(),
+                              k.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                              c.const_data_ptr<float>(), relu, g, dx.mutable_data_ptr(), dres_ptr);
+  return {dx, dres};
+}
+
+}  // namespace
+}  // namespace fused_resnet
+
+TORCH_LIBRARY_FRAGMENT(fused_resnet, m) {
+  m.def("bn_stats_cpp(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_add_relu_apply_cpp(Tensor input, Tensor? residual, Tensor scale, Tensor shift, "
+      "bool relu) -> (Tensor out, Tensor mask)");
+  m.def(
+      "bn_add_relu_grad_reduce_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
+      "bool relu) -> (Tensor sum_dz, Tensor sum_dz_xmu)");
+  m.def(
+      "bn_add_relu_grad_apply_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
+      "Tensor k, Tensor b, Tensor c, bool relu, bool residual_grad) "
+      "-> (Tensor grad_input, Tensor grad_residual)");
+}
+
+#define FR_REGISTER_KERNELS(m)                                                        \
+  m.impl("bn_stats_cpp", &fused_resnet::bn_stats);                                    \
+  m.impl("bn_add_relu_apply_cpp", &fused_resnet::bn_add_relu_apply);                  \
+  m.impl("bn_add_relu_grad_reduce_cpp", &fused_resnet::bn_add_relu_grad_reduce);      \
+  m.impl("bn_add_relu_grad_apply_cpp", &fused_resnet::bn_add_relu_grad_apply)
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { FR_REGISTER_KERNELS(m); }
+
+#ifdef FR_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) { FR_REGISTER_KERNELS(m); }
+#endif
+
+// A plain Python module (no pybind11): importing it runs the registrations above. Its
+// attributes tell fused_resnet.info() what was built and against which torch.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "built_with_torch", FR_STR(FR_TORCH_VERSION));
+#ifdef FR_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}

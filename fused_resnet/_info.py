@@ -1,0 +1,80 @@
+"""fused_resnet.info(): versions, device, and which backends are built and usable."""
+
+import platform
+from importlib import metadata
+
+import torch
+
+from fused_resnet import _extension, backend
+
+try:
+    __version__ = metadata.version("fused_resnet")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def _triton_version():
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"cuda:0 {props.name} (sm_{props.major}{props.minor}, {torch.cuda.device_count()} device(s))"
+    return f"cpu ({platform.processor() or platform.machine()}, no CUDA device)"
+
+
+def _ext_entry(device_type: str) -> dict:
+    module = _extension.load()
+    if device_type == "cpu":
+        built = module is not None
+    else:
+        built = module is not None and bool(module.with_cuda)
+    reason = backend.why_not("cpp", device_type)
+    if reason is None and device_type == "cuda" and not torch.cuda.is_available():
+        reason = "built, but no CUDA device is visible"
+    entry = {"built": built, "usable": reason is None}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def _triton_entry() -> dict:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = backend.why_not("triton", device_type)
+    entry = {"built": _triton_version() is not None,  # JIT-compiled: installed is built
+             "usable": reason is None,
+             "mode": "interpreter" if backend.triton_interpreted() else "compiled"}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def info() -> dict:
+    """A dict describing this installation; `fused-resnet info` prints it."""
+    default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        active = backend.choose(default_device)
+    except RuntimeError as exc:
+        active = f"error: {exc}"
+    return {
+        "fused_resnet": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "device": _device(),
+        "backend_requested": backend.requested(),
+        "backend_active": {default_device.type: active},
+        "backends": {
+            "cpu_ext": _ext_entry("cpu"),
+            "cuda_ext": _ext_entry("cuda"),
+            "triton": _triton_entry(),
+            "torch": {"built": True, "usable": True},
+        },
+        "extension_built_with_torch": getattr(_extension.load(), "built_with_torch", None),
+    }

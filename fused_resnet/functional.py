@@ -1,0 +1,124 @@
+"""Differentiable functional API of fused_resnet."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import ops  # noqa: F401  (registers torch.ops.fused_resnet)
+
+# float64 runs on the torch reference backend only (for gradcheck); the kernels take the rest.
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, training: bool = False,
+                        momentum: Optional[float] = 0.1, eps: float = 1e-5, relu: bool = True,
+                        num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """relu(F.batch_norm(input, ...) + residual) in one fused pass (forward and backward).
+
+    Same semantics as F.batch_norm followed by the add and the ReLU: training normalises with
+    the batch mean and biased variance and updates running_mean / running_var in place with
+    `momentum` (unbiased variance, as nn.BatchNorm2d); eval uses the running statistics.
+    `residual` may be None, `relu=False` skips the ReLU, weight/bias None is affine=False,
+    running stats None is track_running_stats=False.
+
+    num_batches_tracked: nn.BatchNorm2d's counter; incremented in training when given.
+    momentum=None means a cumulative moving average, 1/num_batches_tracked, as nn.BatchNorm2d.
+    """
+    _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
+                     momentum, num_batches_tracked)
+    input, residual = _autocast_common_dtype(input, residual)
+    out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
+        input, residual, weight, bias,
+        None if training else running_mean, None if training else running_var,
+        training, eps, relu)
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, input, momentum,
+                              num_batches_tracked)
+    return out
+
+
+def _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
+                     momentum, num_batches_tracked):
+    """Every problem found here is raised before any kernel runs, naming the argument."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm_add_relu: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"batch_norm_add_relu: input must be 4-D (N, C, H, W), got "
+                         f"{input.dim()}-D with shape {tuple(input.shape)}")
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"batch_norm_add_relu: unsupported input dtype {input.dtype}; expected "
+                        f"float32, float16, bfloat16 (or float64, reference backend only)")
+    channels = input.shape[1]
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise ValueError(f"batch_norm_add_relu: residual has shape {tuple(residual.shape)} "
+                             f"but input has shape {tuple(input.shape)}")
+        if residual.device != input.device:
+            raise ValueError(f"batch_norm_add_relu: residual is on {residual.device} but input "
+                             f"is on {input.device}")
+        if residual.dtype != input.dtype and not _autocast_on(input):
+            raise TypeError(f"batch_norm_add_relu: residual has dtype {residual.dtype} but input "
+                            f"has dtype {input.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.shape != (channels,):
+            raise ValueError(f"batch_norm_add_relu: {name} must have shape ({channels},) for an "
+                             f"input with {channels} channels, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"batch_norm_add_relu: {name} must be floating point, got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"batch_norm_add_relu: {name} is on {t.device} but input is on "
+                             f"{input.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm_add_relu: running_mean and running_var must be given "
+                         "together (or both None)")
+    if not training and running_mean is None:
+        raise RuntimeError("batch_norm_add_relu: running_mean must be defined in evaluation mode")
+    if training:
+        _verify_batch_size(input)
+        if momentum is None and running_mean is not None and num_batches_tracked is None:
+            raise ValueError("batch_norm_add_relu: momentum=None (cumulative average) needs "
+                             "num_batches_tracked")
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    """The error F.batch_norm raises when a channel has a single value in training."""
+    values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+    if values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {input.size()}")
+
+
+def _autocast_on(input: Tensor) -> bool:
+    return torch.is_autocast_enabled(input.device.type)
+
+
+def _autocast_common_dtype(input: Tensor, residual: Optional[Tensor]):
+    """Under autocast, `bn(input) + residual` in PyTorch type-promotes (the add is not an
+    autocast op); do the same so the fused op sees one dtype."""
+    if residual is None or residual.dtype == input.dtype:
+        return input, residual
+    common = torch.promote_types(input.dtype, residual.dtype)
+    return input.to(common), residual.to(common)
+
+
+def _update_running_stats(running_mean, running_var, mean, var, input, momentum,
+                          num_batches_tracked):
+    """nn.BatchNorm2d's update, in fp32, stored in the buffers' own dtype."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked  # a tensor: no host sync, traceable
+        else:
+            factor = momentum
+        n = input.numel() // input.shape[1]
+        unbiased_var = var * (n / (n - 1))
+        acc = torch.promote_types(running_mean.dtype, mean.dtype)
+        running_mean.copy_(running_mean.to(acc) * (1 - factor) + mean * factor)
+        running_var.copy_(running_var.to(acc) * (1 - factor) + unbiased_var * factor)

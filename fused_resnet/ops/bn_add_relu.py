@@ -1,0 +1,231 @@
+"""Custom ops of the fused BatchNorm + residual add + ReLU step, `relu(bn(z) + a)`.
+
+Op structure (all under torch.ops.fused_resnet, each with a fake implementation):
+
+    bn_add_relu(input, residual?, weight?, bias?, running_mean?, running_var?, training, eps, relu)
+        -> (out, mask, mean, var)           differentiable (register_autograd)
+    bn_add_relu_backward(...) -> (grad_input, grad_residual, grad_weight, grad_bias)
+
+built from four kernel-level pieces, each dispatched to a backend (fused_resnet.backend):
+
+    bn_stats                   per-channel batch mean and biased variance (fp32)
+    bn_add_relu_apply          out = relu(input*scale + shift + residual), packed ReLU mask
+    bn_add_relu_grad_reduce    sum(dz), sum(dz*(input - mean)) per channel
+    bn_add_relu_grad_apply     grad_input = k*dz + b*(input - mean) + c, grad_residual = dz
+
+and their per-backend ops <piece>_cpp (csrc/ops.cpp) and <piece>_triton (kernels/bn_act.py).
+Backward reads input, grad and the 1-bit mask twice (reduce, then apply) and writes grad_input
+and grad_residual once: no activation is saved for the ReLU.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import _extension, backend, layout, reference
+
+PIECES = ("bn_stats", "bn_add_relu_apply", "bn_add_relu_grad_reduce", "bn_add_relu_grad_apply")
+
+
+def _run(piece: str, input: Tensor, *args):
+    name = backend.choose(input.device, input.dtype)
+    if name == "torch":
+        return getattr(reference, piece)(*args)
+    kernel = getattr(torch.ops.fused_resnet, f"{piece}_{name}")
+    if input.is_cuda:
+        with torch.cuda.device(input.device):  # Triton launches on the current device
+            return kernel(*args)
+    return kernel(*args)
+
+
+# ---- fake implementations: shapes, dtypes and strides only ----------------------------------
+def _fake_stats(input):
+    return layout.empty_per_channel(input), layout.empty_per_channel(input)
+
+
+def _fake_apply(input, residual, scale, shift, relu):
+    return layout.empty_like_kernel(input), layout.empty_mask(input, relu)
+
+
+def _fake_grad_reduce(grad, mask, input, mean, relu):
+    return layout.empty_per_channel(input), layout.empty_per_channel(input)
+
+
+def _fake_grad_apply(grad, mask, input, mean, k, b, c, relu, residual_grad):
+    grad_residual = layout.empty_like_kernel(input) if residual_grad else input.new_empty(0)
+    return layout.empty_like_kernel(input), grad_residual
+
+
+_FAKES = dict(zip(PIECES, (_fake_stats, _fake_apply, _fake_grad_reduce, _fake_grad_apply)))
+
+
+# ---- kernel-level pieces, dispatched to a backend -------------------------------------------
+@torch.library.custom_op("fused_resnet::bn_stats", mutates_args=())
+def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    return _run("bn_stats", input, input)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_apply", mutates_args=())
+def bn_add_relu_apply(input: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor,
+                      relu: bool) -> tuple[Tensor, Tensor]:
+    return _run("bn_add_relu_apply", input, input, residual, scale, shift, relu)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce", mutates_args=())
+def bn_add_relu_grad_reduce(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
+                            relu: bool) -> tuple[Tensor, Tensor]:
+    return _run("bn_add_relu_grad_reduce", input, grad, mask, input, mean, relu)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_grad_apply", mutates_args=())
+def bn_add_relu_grad_apply(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor, k: Tensor,
+                           b: Tensor, c: Tensor, relu: bool,
+                           residual_grad: bool) -> tuple[Tensor, Tensor]:
+    return _run("bn_add_relu_grad_apply", input, grad, mask, input, mean, k, b, c, relu,
+                residual_grad)
+
+
+# ---- Triton backend: one op per piece (kernels in fused_resnet.kernels.bn_act) --------------
+# Plain custom ops with fakes rather than torch.library.triton_op: they only ever run inside the
+# (opaque) dispatching ops above, so torch.compile gains nothing from tracing into them, and
+# triton_op's functional decomposition cannot run under the CPU interpreter (TRITON_INTERPRET=1)
+# that tests them here.
+def _triton_kernels():
+    from fused_resnet.kernels import bn_act  # imports triton: only when the backend runs
+    return bn_act
+
+
+@torch.library.custom_op("fused_resnet::bn_stats_triton", mutates_args=())
+def bn_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_stats(input)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
+def bn_add_relu_apply_triton(input: Tensor, residual: Optional[Tensor], scale: Tensor,
+                             shift: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
+def bn_add_relu_grad_reduce_triton(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
+                                   relu: bool) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_add_relu_grad_reduce(grad, mask, input, mean, relu)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_grad_apply_triton", mutates_args=())
+def bn_add_relu_grad_apply_triton(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
+                                  k: Tensor, b: Tensor, c: Tensor, relu: bool,
+                                  residual_grad: bool) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_add_relu_grad_apply(grad, mask, input, mean, k, b, c, relu,
+                                                    residual_grad)
+
+
+def _register_fakes():
+    for piece, fake in _FAKES.items():
+        torch.library.register_fake(f"fused_resnet::{piece}")(fake)
+        torch.library.register_fake(f"fused_resnet::{piece}_triton")(fake)
+        if _extension.available():
+            torch.library.register_fake(f"fused_resnet::{piece}_cpp")(fake)
+
+
+_register_fakes()
+
+
+# ---- the differentiable op ------------------------------------------------------------------
+def _scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm as a per-channel affine map, in the statistics' dtype (fp32; fp64 for fp64
+    input): y = x*scale + shift."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight.to(var.dtype) if weight is not None else invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(var.dtype)
+    return invstd, scale, shift
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu", mutates_args=())
+def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, eps: float,
+                relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """relu(batch_norm(input) + residual). Returns (out, mask, mean, var): the batch mean and
+    biased variance when training (the caller updates running stats), else fp32 copies of the
+    running stats. Running stats are read, never written, here."""
+    if training:
+        mean, var = bn_stats(input)
+    else:
+        acc = layout.accumulate_dtype(input)
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
+    _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
+    out, mask = bn_add_relu_apply(input, residual, scale, shift, relu)
+    return out, mask, mean, var
+
+
+@bn_add_relu.register_fake
+def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu):
+    return (layout.empty_like_kernel(input), layout.empty_mask(input, relu),
+            layout.empty_per_channel(input), layout.empty_per_channel(input))
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())
+def bn_add_relu_backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Tensor,
+                         var: Tensor, weight: Optional[Tensor], training: bool, eps: float,
+                         relu: bool, residual_grad: bool,
+                         param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of bn_add_relu. grad_residual is empty unless residual_grad; grad_weight and
+    grad_bias (fp32) are empty unless param_grads."""
+    invstd, k, _ = _scale_shift(mean, var, weight, None, eps)
+    if training or param_grads:
+        sum_dz, sum_dz_xmu = bn_add_relu_grad_reduce(grad_out, mask, input, mean, relu)
+    if training:
+        per_channel = input.numel() // input.shape[1]
+        b = -k * invstd * invstd * sum_dz_xmu / per_channel
+        c = -k * sum_dz / per_channel
+    else:
+        b = c = torch.zeros_like(k)
+    grad_input, grad_residual = bn_add_relu_grad_apply(grad_out, mask, input, mean, k, b, c,
+                                                       relu, residual_grad)
+    if param_grads:
+        grad_weight, grad_bias = sum_dz_xmu * invstd, sum_dz
+    else:
+        grad_weight, grad_bias = mean.new_empty(0), mean.new_empty(0)
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
+@bn_add_relu_backward.register_fake
+def _(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad, param_grads):
+    grad_residual = layout.empty_like_kernel(input) if residual_grad else input.new_empty(0)
+    param = layout.empty_per_channel(input) if param_grads else mean.new_empty(0)
+    return layout.empty_like_kernel(input), grad_residual, param, torch.empty_like(param)
+
+
+def _setup_context(ctx, inputs, output):
+    input, residual, weight, bias, _, _, training, eps, relu = inputs
+    _, mask, mean, var = output
+    ctx.save_for_backward(input, mask, mean, var, weight)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    ctx.has_residual = residual is not None
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mask, mean, var)
+
+
+def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
+    input, mask, mean, var, weight = ctx.saved_tensors
+    need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+    grad_input, grad_residual, grad_weight, grad_bias = bn_add_relu_backward(
+        grad_out, input, mask, mean, var, weight, ctx.training, ctx.eps, ctx.relu,
+        ctx.has_residual and need_residual, need_weight or need_bias)
+    return (
+        grad_input if need_input else None,
+        grad_residual if ctx.has_residual and need_residual else None,
+        grad_weight.to(ctx.weight_dtype) if need_weight else None,
+        grad_bias.to(ctx.bias_dtype) if need_bias else None,
+        None, None, None, None, None,
+    )
+
+
+bn_add_relu.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,96 @@
+"""Pure-PyTorch math of every fused_resnet op: the specification, the test oracle and the
+last-resort backend ("torch"). Each function has the signature of the custom op of the same
+name in fused_resnet.ops and returns what every other backend must return (up to rounding).
+Arithmetic in fp32, as the kernels do.
+"""
+
+from typing import Optional
+
+import torch
+
+from fused_resnet import layout
+
+_BIT_WEIGHTS = [1 << k for k in range(8)]
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(layout.accumulate_dtype(t))
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bool tensor (1-D) -> uint8 tensor, bit k of byte j = bits[8*j + k]."""
+    pad = (-bits.numel()) % 8
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).view(-1, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return (b * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(mask: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return ((mask.view(-1, 1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+def relu_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The packed mask as a bool tensor shaped like `like`."""
+    return layout.from_memory_order(unpack_bits(mask, like.numel()), like)
+
+
+def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance, fp32."""
+    var, mean = torch.var_mean(_acc(input), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def bn_add_relu_apply(input: torch.Tensor, residual: Optional[torch.Tensor], scale: torch.Tensor,
+                      shift: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = relu(input*scale + shift + residual) and its packed ReLU mask."""
+    y = _acc(input) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        y = y + _acc(residual)
+    x = layout.dense_like(input, input)
+    out = layout.empty_like_kernel(x)
+    if relu:
+        mask = pack_bits(layout.memory_order(y > 0, x))
+        y = torch.relu(y)
+    else:
+        mask = layout.empty_mask(x, relu)
+    out.copy_(y)
+    return out, mask
+
+
+def _masked_grad(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
+                 relu: bool) -> torch.Tensor:
+    dz = _acc(grad)
+    if relu:
+        dz = dz * relu_mask(mask, layout.dense_like(input, input))
+    return dz
+
+
+def bn_add_relu_grad_reduce(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
+                            mean: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(dz) and sum(dz * (input - mean)) per channel, dz = grad through the ReLU."""
+    dz = _masked_grad(grad, mask, input, relu)
+    xmu = _acc(input) - _per_channel(mean)
+    return dz.sum(dim=(0, 2, 3)), (dz * xmu).sum(dim=(0, 2, 3))
+
+
+def bn_add_relu_grad_apply(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
+                           mean: torch.Tensor, k: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                           relu: bool, residual_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_input = k*dz + b*(input - mean) + c per channel; grad_residual = dz (if wanted)."""
+    x = layout.dense_like(input, input)
+    dz = _masked_grad(grad, mask, input, relu)
+    dx = _per_channel(k) * dz + _per_channel(b) * (_acc(input) - _per_channel(mean)) \
+        + _per_channel(c)
+    grad_input = layout.empty_like_kernel(x)
+    grad_input.copy_(dx)
+    if residual_grad:
+        grad_residual = layout.empty_like_kernel(x)
+        grad_residual.copy_(dz)
+    else:
+        grad_residual = input.new_empty(0)
+    return grad_input, grad_residual

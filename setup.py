@@ -1,0 +1,115 @@
+"""Build fused_resnet and its C++/CUDA extension fused_resnet._C.
+
+What gets built is decided from the environment, never from whether a GPU is visible, so a
+GPU-less machine with a CUDA toolkit builds the CUDA kernels too:
+
+- C++ CPU kernels: always.
+- CUDA kernels: when a CUDA toolkit (nvcc under CUDA_HOME) and a CUDA build of torch are present,
+  unless FUSED_RESNET_SKIP_CUDA=1.
+- Architectures: TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90 (plus PTX for newer GPUs).
+- Parallel compile jobs: MAX_JOBS (read by torch's BuildExtension / ninja).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _log(msg):
+    print(f"[fused_resnet build] {msg}", flush=True)
+
+
+def _default_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin makes it guess
+    /usr/local, which has no CUDA libraries. Prefer the conventional toolkit directory."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+def _cuda_decision():
+    """Return (build_cuda, reason)."""
+    if os.environ.get("FUSED_RESNET_SKIP_CUDA", "0") == "1":
+        return False, "FUSED_RESNET_SKIP_CUDA=1"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return False, "no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)"
+    return True, f"CUDA toolkit at {cuda_home}, torch built with CUDA {torch.version.cuda}"
+
+
+def _extensions():
+    _default_cuda_home()
+    import torch
+    from torch.utils import cpp_extension
+
+    build_cuda, reason = _cuda_decision()
+    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", f"-DFR_TORCH_VERSION={torch.__version__}"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    _log(f"C++ CPU kernels: yes ({', '.join(cpu_sources)})")
+    if not build_cuda:
+        _log(f"CUDA kernels: no ({reason})")
+        return [
+            cpp_extension.CppExtension(
+                "fused_resnet._C",
+                cpu_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags},
+            )
+        ]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    _log(f"CUDA kernels: yes ({reason}); arch list {os.environ['TORCH_CUDA_ARCH_LIST']}; "
+         f"sources {', '.join(cuda_sources)}")
+    return [
+        cpp_extension.CUDAExtension(
+            "fused_resnet._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DFR_WITH_CUDA=1"],
+                # No --use_fast_math: BN statistics need IEEE division and rsqrt.
+                "nvcc": ["-O3", "-lineinfo", "-DFR_WITH_CUDA=1"],
+            },
+        )
+    ]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
+    if not use_ninja:
+        _log("ninja not found: compiling sources one at a time")
+    return {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+setup(
+    packages=["fused_resnet", "fused_resnet.ops", "fused_resnet.kernels"],
+    package_dir={"fused_resnet.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    zip_safe=False,
+)

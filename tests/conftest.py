@@ -1,0 +1,37 @@
+"""Test setup. Everything runs on a GPU-less machine: Triton kernels run under the interpreter
+(TRITON_INTERPRET=1 must be set before triton is imported), C++ kernels on the CPU. GPU cases
+run where a CUDA device exists and skip with a reason where not."""
+
+import glob
+import os
+
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fused_resnet  # noqa: E402,F401
+from fused_resnet import backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def usable_backends(device_type: str):
+    return [name for name in backend.BACKENDS if backend.why_not(name, device_type) is None]
+
+
+def cpu_backend_params():
+    """Every backend, skipped with its reason where it can't run on the CPU here."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            backend.why_not(name, "cpu") is not None,
+            reason=f"{name} backend on CPU: {backend.why_not(name, 'cpu')}"))
+        for name in backend.BACKENDS
+    ]
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

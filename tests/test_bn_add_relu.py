@@ -1,0 +1,130 @@
+"""fused_resnet.functional.batch_norm_add_relu on every backend usable on this machine, against
+PyTorch's F.batch_norm + add + ReLU (same dtype) and float64."""
+
+import pytest
+import torch
+
+from bn_cases import check_against_pytorch
+from conftest import cpu_backend_params, requires_cuda
+from fused_resnet import backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# C=3 (stem), N=1 with 7x7, H*W not a multiple of 8, C not a multiple of 8, large C.
+SHAPES = [(2, 3, 5, 7), (1, 7, 7, 7), (4, 16, 8, 8), (2, 130, 3, 5), (2, 1024, 2, 3)]
+LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@LAYOUTS
+@MODES
+def test_matches_pytorch(backend_name, dtype, shape, channels_last, training):
+    check_against_pytorch(backend_name, shape, dtype, channels_last, training)
+
+
+VARIANTS = {
+    "momentum_none": dict(momentum=None),
+    "affine_false": dict(affine=False),
+    "no_running_stats": dict(track_running_stats=False),
+    "no_residual": dict(residual=False),
+    "no_relu": dict(relu=False),
+}
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("variant", VARIANTS)
+@LAYOUTS
+@MODES
+def test_variants_over_steps(backend_name, variant, channels_last, training):
+    """Three steps: outputs, gradients, running stats and num_batches_tracked vs
+    nn.BatchNorm2d, for each nn.BatchNorm2d configuration the op must express."""
+    check_against_pytorch(backend_name, (3, 6, 5, 4), torch.float32, channels_last, training,
+                          steps=3, **VARIANTS[variant])
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+def test_low_precision_running_stats(backend_name):
+    """fp16 input with fp32 BN buffers (autocast-style), several steps."""
+    check_against_pytorch(backend_name, (4, 8, 6, 6), torch.float16, True, True, steps=3)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("make_strided", [
+    lambda t: t[:, ::2, :, 1:-1],          # channel slice and width slice: no dense layout
+    lambda t: t.transpose(2, 3),           # dense but neither NCHW nor NHWC
+    lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[:, :, ::2],
+], ids=["sliced", "transposed", "nhwc_strided"])
+def test_non_contiguous_input(backend_name, make_strided):
+    import torch.nn.functional as F
+
+    import fused_resnet as fr
+
+    base = torch.randn(2, 8, 6, 8)
+    x = make_strided(base)
+    r = make_strided(torch.randn_like(base))
+    c = x.shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    with backend.use(backend_name):
+        out = fr.functional.batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b,
+                                                training=True)
+    ref = torch.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True) + r)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+def test_residual_in_other_layout(backend_name):
+    """input channels_last, residual NCHW (and the reverse): converted, never misread."""
+    check_layouts = [(True, False), (False, True)]
+    import torch.nn.functional as F
+
+    import fused_resnet as fr
+
+    for x_cl, r_cl in check_layouts:
+        x = torch.randn(2, 5, 4, 3)
+        r = torch.randn(2, 5, 4, 3)
+        if x_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if r_cl:
+            r = r.contiguous(memory_format=torch.channels_last)
+        rm, rv = torch.zeros(5), torch.ones(5)
+        with backend.use(backend_name):
+            out = fr.functional.batch_norm_add_relu(x, r, rm, rv, training=False)
+        ref = torch.relu(F.batch_norm(x, rm, rv, training=False) + r)
+        torch.testing.assert_close(out, ref)
+
+
+# ---- GPU: every backend on CUDA in all three dtypes --------------------------------------------
+def cuda_backend_params():
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            backend.why_not(name, "cuda") is not None,
+            reason=f"{name} backend on CUDA: {backend.why_not(name, 'cuda')}"))
+        for name in backend.BACKENDS
+    ]
+
+
+GPU_SHAPES = SHAPES + [(32, 256, 56, 56), (32, 2048, 7, 7), (8, 64, 112, 112)]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend_name", cuda_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@LAYOUTS
+@MODES
+def test_matches_pytorch_cuda(backend_name, dtype, shape, channels_last, training):
+    check_against_pytorch(backend_name, shape, dtype, channels_last, training, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend_name", cuda_backend_params())
+@pytest.mark.parametrize("variant", VARIANTS)
+@LAYOUTS
+def test_variants_cuda(backend_name, variant, channels_last):
+    check_against_pytorch(backend_name, (3, 6, 5, 4), torch.float32, channels_last, True,
+                          device="cuda", steps=3, **VARIANTS[variant])

@@ -1,0 +1,143 @@
+"""`fused-resnet verify`: checks the fused ops against PyTorch on this machine, and the
+comparison machinery the test suite uses too.
+
+Criterion (as flash-attention's tests): the fused result is compared with PyTorch in float64 on
+the same input values; its error must be at most twice the error PyTorch itself makes in the
+same dtype, plus a few units of rounding of that dtype at the result's scale (the fused op
+rounds once from fp32 where PyTorch rounds after BN and again after the add, so either can be
+the closer one on a given element).
+"""
+
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+
+from fused_resnet import backend, functional, layout
+
+ROUNDING_UNITS = 4
+
+
+class Comparison(NamedTuple):
+    name: str
+    error: float          # fused vs float64
+    pytorch_error: float  # PyTorch in the same dtype vs float64
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.allowed
+
+
+def compare(name: str, got: torch.Tensor, ref64: torch.Tensor,
+            torch_same_dtype: torch.Tensor) -> Comparison:
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    err_torch = (torch_same_dtype.double() - ref64).abs().max().item() if got.numel() else 0.0
+    scale = (ref64.abs().max().item() if ref64.numel() else 0.0) + 1.0
+    allowed = 2 * err_torch + ROUNDING_UNITS * torch.finfo(got.dtype).eps * scale
+    return Comparison(name, err, err_torch, allowed)
+
+
+def make_bn(channels, *, affine=True, track_running_stats=True, momentum=0.1, device="cpu"):
+    """An nn.BatchNorm2d with non-trivial parameters and running statistics."""
+    bn = torch.nn.BatchNorm2d(channels, affine=affine, track_running_stats=track_running_stats,
+                              momentum=momentum).to(device)
+    with torch.no_grad():
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if track_running_stats:
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return bn
+
+
+def make_activation(shape, dtype, channels_last, device="cpu"):
+    x = (torch.randn(shape, device=device) * 1.5 + 0.3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def fused_step(bn, x, residual, relu=True):
+    """relu(bn(x) + residual) through the fused op, with nn.BatchNorm2d's own parameters,
+    buffers and train/eval semantics."""
+    training = bn.training or bn.running_mean is None
+    return functional.batch_norm_add_relu(
+        x, residual, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=training,
+        momentum=bn.momentum, eps=bn.eps, relu=relu, num_batches_tracked=bn.num_batches_tracked)
+
+
+def pytorch_step(bn, x, residual, relu=True):
+    y = bn(x)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def forward_backward(step, bn, x, residual, grad_out, relu=True):
+    """Returns (output, gradients of x, residual (if any), weight and bias (if affine))."""
+    x = x.detach().requires_grad_()
+    residual = residual.detach().requires_grad_() if residual is not None else None
+    out = step(bn, x, residual, relu)
+    wrt = [t for t in (x, residual, bn.weight, bn.bias) if t is not None]
+    grads = torch.autograd.grad(out, wrt, grad_out)
+    return out.detach(), grads
+
+
+def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
+    """One training or eval step of the three BatchNorms on the same values; the comparisons
+    of output and every gradient."""
+    out, grads = forward_backward(fused_step, bn_fused, x, residual, grad_out, relu)
+    out_t, grads_t = forward_backward(pytorch_step, bn_torch, x, residual, grad_out, relu)
+    out_64, grads_64 = forward_backward(
+        pytorch_step, bn_64, x.double(), residual.double() if residual is not None else None,
+        grad_out.double(), relu)
+    if out.dtype != x.dtype or out.shape != x.shape:
+        raise AssertionError(f"output is {out.dtype} {tuple(out.shape)}, input {x.dtype} "
+                             f"{tuple(x.shape)}")
+    if layout.is_channels_last(x) and not layout.is_channels_last(out):
+        raise AssertionError("channels_last input gave an output in another layout")
+    names = ["grad input"] + (["grad residual"] if residual is not None else []) \
+        + (["grad weight", "grad bias"] if bn_fused.weight is not None else [])
+    results = [compare("output", out, out_64, out_t)]
+    for name, got, ref64, ref_t in zip(names, grads, grads_64, grads_t):
+        if got.dtype != ref_t.dtype:
+            raise AssertionError(f"{name} is {got.dtype}, PyTorch's is {ref_t.dtype}")
+        results.append(compare(name, got, ref64, ref_t))
+    return results
+
+
+def three_batchnorms(channels, device, training, **bn_kwargs):
+    bn = make_bn(channels, device=device, **bn_kwargs).train(training)
+    return copy.deepcopy(bn), copy.deepcopy(bn), copy.deepcopy(bn).double()
+
+
+def verify_bn_add_relu(device: Optional[str] = None, verbose: bool = True) -> bool:
+    """Every backend usable on `device`, fp32 (and fp16/bf16 on CUDA), NCHW and channels_last,
+    train and eval, forward and backward, against PyTorch. Prints a line per case."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" else [])
+    shape = (8, 64, 14, 14) if device == "cuda" else (4, 32, 7, 7)
+    names = [b for b in backend.BACKENDS if backend.why_not(b, device) is None]
+    all_ok = True
+    for name in names:
+        for dtype in dtypes:
+            for channels_last in (False, True):
+                for training in (True, False):
+                    bns = three_batchnorms(shape[1], device, training)
+                    x, r, g = (make_activation(shape, dtype, channels_last, device)
+                               for _ in range(3))
+                    with backend.use(name):
+                        results = compare_step(*bns, x, r, g)
+                    ok = all(c.ok for c in results)
+                    all_ok &= ok
+                    if verbose:
+                        worst = max(results, key=lambda c: c.error / c.allowed)
+                        print(f"{'ok      ' if ok else 'MISMATCH'} backend={name:6s} "
+                              f"{str(dtype).replace('torch.', ''):8s} "
+                              f"{'nhwc' if channels_last else 'nchw'} "
+                              f"{'train' if training else 'eval '} worst: {worst.name} "
+                              f"err {worst.error:.2e} (allowed {worst.allowed:.2e}, "
+                              f"PyTorch's own {worst.pytorch_error:.2e})")
+    return all_ok

@@ -1,0 +1,299 @@
+"""The registered ops behind batch_norm_add_relu: kernel-level pieces vs the reference on every
+backend, opcheck on every op, gradcheck, torch.compile, memory saved for backward, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_resnet as fr
+from conftest import cpu_backend_params
+from fused_resnet import backend, layout, reference
+
+ops = torch.ops.fused_resnet
+PIECES = ["bn_stats", "bn_add_relu_apply", "bn_add_relu_grad_reduce", "bn_add_relu_grad_apply"]
+
+
+def piece_inputs(shape=(2, 5, 3, 5), dtype=torch.float32, channels_last=False, relu=True):
+    """Arguments of each kernel-level piece (numel 150: not a multiple of 8)."""
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    r = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c)
+    mean = torch.randn(c) * 0.1
+    k, b, cc = torch.rand(c), torch.randn(c) * 0.1, torch.randn(c) * 0.1
+    _, mask = reference.bn_add_relu_apply(x, r, scale, shift, relu)
+    return {
+        "bn_stats": (x,),
+        "bn_add_relu_apply": (x, r, scale, shift, relu),
+        "bn_add_relu_grad_reduce": (grad, mask, x, mean, relu),
+        "bn_add_relu_grad_apply": (grad, mask, x, mean, k, b, cc, relu, True),
+    }
+
+
+def backend_op(piece, backend_name):
+    return getattr(ops, piece if backend_name == "torch" else f"{piece}_{backend_name}").default
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("piece", PIECES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_piece_matches_reference(backend_name, piece, channels_last, relu, dtype):
+    """Each kernel piece vs reference.<piece>: masks bit-exact, values within fp32 rounding of
+    the same computation (plus one rounding of the storage dtype)."""
+    args = piece_inputs(dtype=dtype, channels_last=channels_last, relu=relu)[piece]
+    with backend.use(backend_name):
+        got = getattr(ops, piece)(*args)
+    want = getattr(reference, piece)(*args)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.stride() == w.stride()
+        if g.dtype == torch.uint8:
+            assert torch.equal(g, w), "packed ReLU mask differs"
+        else:
+            eps = torch.finfo(g.dtype).eps
+            torch.testing.assert_close(g.double(), w.double(), rtol=4 * eps, atol=1e-5)
+
+
+def test_mask_is_one_bit_per_element():
+    x = torch.randn(3, 5, 7, 3)  # 315 elements -> 40 bytes
+    out, mask = ops.bn_add_relu_apply(x, None, torch.ones(5), torch.zeros(5), True)
+    assert mask.dtype == torch.uint8 and mask.numel() == 40
+    assert torch.equal(reference.relu_mask(mask, x), x > 0)
+
+
+def test_backward_saves_input_and_bit_mask_only():
+    """No activation is kept for the ReLU: what autograd saves is the input, a 1-bit mask and
+    per-channel vectors (the residual and the output are not saved)."""
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    r = torch.randn(4, 16, 8, 8, requires_grad=True)
+    w = torch.rand(16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fr.functional.batch_norm_add_relu(x, r, None, None, w, b, training=True)
+    big = [t for t in saved if t.numel() > 16]
+    assert len(big) == 2, [tuple(t.shape) for t in saved]
+    assert any(t is x or t.data_ptr() == x.data_ptr() for t in big)
+    mask = [t for t in big if t.dtype == torch.uint8]
+    assert len(mask) == 1 and mask[0].numel() == x.numel() // 8
+    assert all(t.data_ptr() != out.data_ptr() and t.data_ptr() != r.data_ptr() for t in saved)
+
+
+# ---- opcheck on every registered op -------------------------------------------------------------
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("piece", PIECES)
+def test_opcheck_pieces(backend_name, piece):
+    args = piece_inputs(channels_last=True)[piece]
+    torch.library.opcheck(backend_op(piece, backend_name), args)
+    with backend.use(backend_name):  # the dispatching op, routed to this backend
+        torch.library.opcheck(getattr(ops, piece).default, args)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_opcheck_bn_add_relu(backend_name, training, residual):
+    x = torch.randn(2, 4, 3, 3, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 4, 3, 3, requires_grad=True) if residual else None
+    w = torch.rand(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with backend.use(backend_name):
+        torch.library.opcheck(ops.bn_add_relu.default,
+                              (x, r, w, b, rm, rv, training, 1e-5, True))
+        _, mask, mean, var = ops.bn_add_relu(x, r, w, b, rm, rv, training, 1e-5, True)
+        grad = torch.randn(2, 4, 3, 3)
+        torch.library.opcheck(ops.bn_add_relu_backward.default,
+                              (grad, x.detach(), mask, mean, var, w.detach(), training, 1e-5,
+                               True, residual, True))
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_gradcheck_float64(training, relu):
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+
+    def f(x, r, w, b):
+        return fr.functional.batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b,
+                                                 training=training, relu=relu)
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b))
+
+
+def test_float64_rejected_by_kernel_backends():
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    with backend.use("cpp"), pytest.raises(RuntimeError, match="float64"):
+        fr.functional.batch_norm_add_relu(x, None, None, None, training=True)
+
+
+def test_autocast_promotes_like_pytorch():
+    """Under autocast, bf16 conv output + fp32 residual: PyTorch's add type-promotes to fp32;
+    the fused op gives the same dtype and values."""
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 3, 6, 6)
+    residual = torch.randn(2, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = conv(x)
+        ref = torch.relu(bn(z) + residual)
+        out = fr.functional.batch_norm_add_relu(z, residual, bn.running_mean, bn.running_var,
+                                                bn.weight, bn.bias, training=False)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+def _train_step(x, r, w, b, rm, rv, nbt):
+    out = fr.functional.batch_norm_add_relu(x, r, rm, rv, w, b, training=True, momentum=None,
+                                            num_batches_tracked=nbt)
+    return out.square().sum()
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    """Forward, backward and the in-place running-stat update inside one compiled graph."""
+    def args():
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(2, 4, 5, 5, generator=g)
+        w = torch.rand(4, generator=g).requires_grad_()
+        b = torch.randn(4, generator=g).requires_grad_()
+        x.requires_grad_()
+        return x, r, w, b, torch.zeros(4), torch.ones(4), torch.tensor(0)
+
+    eager, compiled = args(), args()
+    loss_e = _train_step(*eager)
+    loss_e.backward()
+    step = torch.compile(_train_step, fullgraph=True, backend=compile_backend)
+    loss_c = step(*compiled)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)  # running stats and num_batches_tracked updated
+        if e.grad is not None:
+            torch.testing.assert_close(c.grad, e.grad)
+
+
+# ---- bad input: a clear error, raised before any kernel runs ------------------------------------
+def _bn_args(c=4):
+    return dict(running_mean=torch.zeros(c), running_var=torch.ones(c), weight=torch.ones(c),
+                bias=torch.zeros(c))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 5), None, **_bn_args()),
+     ValueError, "must be 4-D"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2),
+                                               **_bn_args()),
+     ValueError, "residual has shape"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3),
+                                               torch.randn(2, 4, 3, 3).half(), **_bn_args()),
+     TypeError, "residual has dtype"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3),
+                                               torch.empty(2, 4, 3, 3, device="meta"),
+                                               **_bn_args()),
+     ValueError, "residual is on meta"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None,
+                                               **{**_bn_args(), "weight": torch.ones(5)}),
+     ValueError, r"weight must have shape \(4,\)"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None,
+                                               **{**_bn_args(), "running_var": torch.ones(3)}),
+     ValueError, r"running_var must have shape \(4,\)"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randint(0, 5, (2, 4, 3, 3)), None,
+                                               **_bn_args()),
+     TypeError, "unsupported input dtype torch.int64"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None, None, None),
+     RuntimeError, "running_mean must be defined in evaluation mode"),
+    (lambda: fr.functional.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None, momentum=None,
+                                               training=True, **_bn_args()),
+     ValueError, "needs num_batches_tracked"),
+    (lambda: backend.normalize("cudnn"), ValueError, "unknown backend 'cudnn'"),
+], ids=["3d", "residual_shape", "residual_dtype", "residual_device", "weight_channels",
+        "running_var_channels", "int_dtype", "eval_without_stats", "momentum_none", "backend"])
+def test_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_one_value_per_channel_same_error_as_pytorch():
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError) as ours:
+        fr.functional.batch_norm_add_relu(x, None, training=True, **_bn_args())
+    with pytest.raises(ValueError) as theirs:
+        F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None, reason="C++ extension not built")
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.bn_add_relu_apply_cpp(torch.randn(2, 4, 3, 3), None, torch.ones(3),
+                                       torch.zeros(4), True), r"scale must have shape \(4,\)"),
+    (lambda: ops.bn_add_relu_apply_cpp(torch.randn(2, 4, 3, 3), None, torch.ones(4).double(),
+                                       torch.zeros(4), True), "scale must be float32"),
+    (lambda: ops.bn_stats_cpp(torch.randn(2, 4, 3, 3).double()), "unsupported dtype"),
+    (lambda: ops.bn_stats_cpp(torch.randn(4, 3, 3)), "must be 4-D"),
+    (lambda: ops.bn_add_relu_grad_apply_cpp(
+        torch.randn(2, 4, 3, 3), torch.zeros(3, dtype=torch.uint8), torch.randn(2, 4, 3, 3),
+        *[torch.zeros(4)] * 4, True, False), "mask must be a uint8 tensor of 9 bytes"),
+])
+def test_cpp_ops_check_their_input(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_layout_rule_matches_mask_order():
+    """The bit order of the mask follows layout.kernel_format: memory order of NHWC input."""
+    x = torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    _, mask = ops.bn_add_relu_apply(x, None, torch.ones(3), torch.zeros(3), True)
+    bits = reference.unpack_bits(mask, x.numel())
+    assert torch.equal(bits, layout.memory_order(x > 0, x))
+
+
+@pytest.fixture
+def small_triton_tiles(monkeypatch):
+    """Tiny Triton reduction tiles and several splits, so that the interpreter (which otherwise
+    covers a small test tensor with one big tile) runs the tile-merge and split-merge paths."""
+    if backend.why_not("triton", "cpu") is not None:
+        return
+    from fused_resnet.kernels import bn_act
+
+    monkeypatch.setattr(bn_act, "_reduce_tiles",
+                        lambda x: (8, 4) if layout.is_channels_last(x) else (16, 1))
+    monkeypatch.setattr(bn_act, "_reduce_splits", lambda per_channel, tiles, block_m, interp: 5)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_reductions_merge_partials(backend_name, channels_last, small_triton_tiles):
+    """Per-channel statistics and gradient sums over many chunks/tiles/splits, on data with a
+    large mean (where a wrong merge formula or E[x^2]-E[x]^2 would show), vs float64."""
+    x = (torch.randn(3, 5, 20, 21) * 0.5 + 4.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # 1260 rows: several CPU chunks
+    grad = torch.randn_like(x)
+    _, mask = reference.bn_add_relu_apply(x, None, torch.ones(5), torch.full((5,), -4.0), True)
+    with backend.use(backend_name):
+        mean, var = ops.bn_stats(x)
+        sum_dz, sum_dz_xmu = ops.bn_add_relu_grad_reduce(grad, mask, x, mean, True)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-7)
+    dz = grad.double() * (x.double() > 4.0)
+    torch.testing.assert_close(sum_dz.double(), dz.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dz_xmu.double(),
+                               (dz * (x.double() - mean.double().view(1, -1, 1, 1)))
+                               .sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)

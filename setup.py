@@ -13,6 +13,7 @@ GPU-less machine with a CUDA toolkit builds the CUDA kernels too:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -58,6 +59,12 @@ def _extensions():
     build_cuda, reason = _cuda_decision()
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", f"-DFR_TORCH_VERSION={torch.__version__}"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for expands to OpenMP pragmas in our own sources: without -fopenmp the
+        # CPU kernels would run on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     _log(f"C++ CPU kernels: yes ({', '.join(cpu_sources)})")
     if not build_cuda:
@@ -68,6 +75,7 @@ def _extensions():
                 cpu_sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         ]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -80,6 +88,7 @@ def _extensions():
             "fused_resnet._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
+            extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DFR_WITH_CUDA=1"],
                 # No --use_fast_math: BN statistics need IEEE division and rsqrt.

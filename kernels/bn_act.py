@@ -31,7 +31,7 @@ def _reduce_tiles(x: torch.Tensor):
     are contiguous in NHWC, one channel's plane is in NCHW."""
     if layout.is_channels_last(x):
         block_c = min(64, triton.next_power_of_2(x.shape[1]))
-        return (4096 // block_c if _interpreted(x) else 64), block_c
+        return (4096 // block_c if _interpreted(x) else 16), block_c
     return (4096 if _interpreted(x) else 512), 1
 
 

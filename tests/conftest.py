@@ -8,11 +8,18 @@ import os
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fused_resnet  # noqa: E402,F401
 from fused_resnet import backend  # noqa: E402
+
+if importlib.util.find_spec("fused_resnet.kernels") is None:
+    pytest.exit(f"fused_resnet was imported from {fused_resnet.__file__}, a source tree that was "
+                f"never installed (no kernels, no _C). Install it (README) and run `pytest` "
+                f"rather than `python -m pytest` from the repository root.", returncode=2)
 
 
 @pytest.fixture(autouse=True)

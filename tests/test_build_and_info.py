@@ -47,24 +47,26 @@ def test_info_reports_backends():
 
 @pytest.mark.parametrize("command", [["fused-resnet"], [sys.executable, "-m", "fused_resnet"]],
                          ids=["console_script", "python_m"])
-def test_cli_info(command):
+def test_cli_info(command, tmp_path):
+    # cwd outside the source tree: `python -m` must import the installed package
     if command[0] == "fused-resnet" and shutil.which("fused-resnet") is None:
         pytest.skip("console script not on PATH")
-    text = subprocess.run(command + ["info"], check=True, capture_output=True, text=True).stdout
+    text = subprocess.run(command + ["info"], check=True, capture_output=True, text=True,
+                          cwd=tmp_path).stdout
     assert "cpu_ext" in text and "torch" in text
     data = json.loads(subprocess.run(command + ["info", "--json"], check=True,
-                                     capture_output=True, text=True).stdout)
+                                     capture_output=True, text=True, cwd=tmp_path).stdout)
     assert data["backends"]["torch"]["usable"]
 
 
-def test_cli_verify_cpu():
+def test_cli_verify_cpu(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fused_resnet", "verify", "--device", "cpu"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verify: OK" in result.stdout
 
 
-def test_works_without_extension():
+def test_works_without_extension(tmp_path):
     """If _C cannot be imported the package still imports, says why once, and computes the op
     through the reference backend."""
     code = """
@@ -86,7 +88,8 @@ assert not info['backends']['cpu_ext']['usable'] and 'could not be imported' in 
 print('fallback ok')
 """
     env = {k: v for k, v in os.environ.items() if k != "FUSED_RESNET_BACKEND"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fallback ok" in result.stdout
 

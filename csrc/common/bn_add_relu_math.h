@@ -70,7 +70,11 @@ FR_HD void grad_sums_combine(GradSums& a, const GradSums& b) {
 FR_HD bool mask_bit(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 
 // relu(y) as torch.relu: NaN stays NaN (its mask bit is 0, as threshold_backward's y > 0).
-FR_HD float relu_keep_nan(float y) { return (y > 0.f || y != y) ? y : 0.f; }
+// Written as two selects, no short-circuit: branch-free on random signs.
+FR_HD float relu_keep_nan(float y) {
+  const float clamped = y > 0.f ? y : 0.f;
+  return y != y ? y : clamped;
+}
 
 // out = relu(x * scale + shift + residual); scale = weight * invstd, shift = bias - mean * scale.
 FR_HD float bn_add_relu_forward(float x, float scale, float shift, float residual, bool relu) {
@@ -80,7 +84,8 @@ FR_HD float bn_add_relu_forward(float x, float scale, float shift, float residua
 
 // Gradient through the ReLU: what reaches the sum (the residual's gradient, and BN's output grad).
 FR_HD float relu_backward(float grad, bool positive, bool relu) {
-  return (!relu || positive) ? grad : 0.f;
+  const bool passes = !relu | positive;  // bitwise: no branch on the random sign
+  return passes ? grad : 0.f;
 }
 
 FR_HD void grad_sums_add(GradSums& s, float dz, float x, float mean) {

@@ -1,0 +1,87 @@
+"""Turns pytest-benchmark JSON into a markdown report: one table per op, rows per
+(shape, mode), a column group per provider, ratios against eager from the same run.
+
+    python benchmarks/report.py out.json [-o report.md] [--command "how it was run"]
+"""
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def load_rows(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if "provider" not in info:
+            continue
+        rows.append({**info, "median_s": bench["stats"]["median"],
+                     "iqr_s": bench["stats"]["iqr"], "rounds": bench["stats"]["rounds"]})
+    return data, rows
+
+
+def _fmt_ms(seconds):
+    return f"{seconds * 1e3:.3f}"
+
+
+def render(data, rows, command=None) -> str:
+    if not rows:
+        return "No benchmark rows with fused_resnet extra_info.\n"
+    first = rows[0]
+    lines = [f"# fused_resnet benchmark: {first['op']}", ""]
+    lines += [f"- device: {first['device']}",
+              f"- torch {first['torch']}, CUDA {first['cuda']}, triton {first['triton']}, "
+              f"fused_resnet {first['fused_resnet']}",
+              f"- date: {first['date']}",
+              f"- dtype {first['dtype']}, layout {first['layout']}"]
+    if first.get("copy_bandwidth_gbps"):
+        lines.append(f"- measured device copy bandwidth: {first['copy_bandwidth_gbps']:.0f} GB/s")
+    if command:
+        lines.append(f"- command: `{command}`")
+    lines += ["", "Median time per call (ms), GB/s = bytes the fused algorithm must move / time, "
+              "and the speed-up over eager PyTorch measured in the same run "
+              "(> 1: faster than eager).", ""]
+    groups = defaultdict(dict)
+    for row in rows:
+        groups[(tuple(row["shape"]), row["mode"])][row["provider"]] = row
+    providers = sorted({row["provider"] for row in rows},
+                       key=lambda p: (p != "eager", p != "compiled", p))
+    header = "| shape | mode | " + " | ".join(providers) + " |"
+    lines += [header, "|" + "---|" * (len(providers) + 2)]
+    for (shape, mode), by_provider in groups.items():
+        eager = by_provider.get("eager")
+        cells = []
+        for p in providers:
+            row = by_provider.get(p)
+            if row is None:
+                cells.append("-")
+                continue
+            cell = f"{_fmt_ms(row['median_s'])} ms, {row['gbps']:.0f} GB/s"
+            if row.get("fraction_of_copy_bandwidth"):
+                cell += f" ({100 * row['fraction_of_copy_bandwidth']:.0f}% of copy)"
+            if eager and p != "eager":
+                cell += f", **{eager['median_s'] / row['median_s']:.2f}x**"
+            cells.append(cell)
+        lines.append(f"| {'x'.join(map(str, shape))} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json_path")
+    parser.add_argument("-o", "--output", help="write the markdown here (default: stdout)")
+    parser.add_argument("--command", help="the command that produced the JSON")
+    args = parser.parse_args(argv)
+    data, rows = load_rows(args.json_path)
+    text = render(data, rows, args.command)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -108,8 +108,10 @@ def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
     return results
 
 
-def three_batchnorms(channels, device, training, **bn_kwargs):
-    bn = make_bn(channels, device=device, **bn_kwargs).train(training)
+def three_batchnorms(channels, device, training, bn_dtype=torch.float32, **bn_kwargs):
+    """The same BatchNorm three times: for the fused op and for PyTorch (parameters and
+    buffers in `bn_dtype`), and in float64 from those same (rounded) values."""
+    bn = make_bn(channels, device=device, **bn_kwargs).train(training).to(bn_dtype)
     return copy.deepcopy(bn), copy.deepcopy(bn), copy.deepcopy(bn).double()
 
 

@@ -51,6 +51,16 @@ def test_low_precision_running_stats(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@MODES
+def test_low_precision_model(backend_name, dtype, training):
+    """model.half() / .bfloat16(): parameters and running stats in the low dtype, updated in
+    that dtype as nn.BatchNorm2d does; gradients of weight and bias in that dtype."""
+    check_against_pytorch(backend_name, (4, 8, 6, 6), dtype, False, training, steps=3,
+                          bn_dtype=dtype)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
 @pytest.mark.parametrize("make_strided", [
     lambda t: t[:, ::2, :, 1:-1],          # channel slice and width slice: no dense layout
     lambda t: t.transpose(2, 3),           # dense but neither NCHW nor NHWC

@@ -125,6 +125,29 @@ Tensor workspace(const Tensor& x, size_t bytes) {
 
 const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// The inputs both backward pieces read, checked and laid out in the input's kernel format.
+struct GradInputs {
+  at::MemoryFormat fmt;
+  Tensor x, grad, mask, mean;
+  Geometry g;
+  const uint8_t* mask_ptr;  // nullptr without ReLU
+};
+
+GradInputs grad_inputs(const Tensor& grad, const Tensor& mask, const Tensor& x_in,
+                       const Tensor& mean, bool relu) {
+  check_input(x_in, "input");
+  check_like(grad, x_in, "grad");
+  GradInputs in;
+  in.fmt = kernel_format(x_in);
+  in.x = x_in.contiguous(in.fmt);
+  in.grad = grad.contiguous(in.fmt);
+  in.mask = checked_mask(mask, in.x, relu);
+  in.mean = per_channel(mean, in.x, "mean");
+  in.g = geometry(in.x, in.fmt);
+  in.mask_ptr = relu ? in.mask.const_data_ptr<uint8_t>() : nullptr;
+  return in;
+}
+
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   check_input(x_in, "input");
@@ -186,15 +209,10 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
 std::tuple<Tensor, Tensor> bn_add_relu_grad_reduce(const Tensor& grad_in, const Tensor& mask_in,
                                                    const Tensor& x_in, const Tensor& mean_in,
                                                    bool relu) {
-  check_input(x_in, "input");
-  check_like(grad_in, x_in, "grad");
-  const auto fmt = kernel_format(x_in);
-  const Tensor x = x_in.contiguous(fmt);
-  const Tensor grad = grad_in.contiguous(fmt);
-  const Tensor mask = checked_mask(mask_in, x, relu);
-  const Tensor mean = per_channel(mean_in, x, "mean");
-  const Geometry g = geometry(x, fmt);
-  const uint8_t* mask_ptr = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
+  const GradInputs in = grad_inputs(grad_in, mask_in, x_in, mean_in, relu);
+  const Tensor &x = in.x, &grad = in.grad, &mean = in.mean;
+  const Geometry g = in.g;
+  const uint8_t* mask_ptr = in.mask_ptr;
   Tensor sum_dz = empty_per_channel(x), sum_dz_xmu = empty_per_channel(x);
 #ifdef FR_WITH_CUDA
   if (x.is_cuda()) {
@@ -221,18 +239,14 @@ std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const T
                                                   const Tensor& k_in, const Tensor& b_in,
                                                   const Tensor& c_in, bool relu,
                                                   bool residual_grad) {
-  check_input(x_in, "input");
-  check_like(grad_in, x_in, "grad");
-  const auto fmt = kernel_format(x_in);
-  const Tensor x = x_in.contiguous(fmt);
-  const Tensor grad = grad_in.contiguous(fmt);
-  const Tensor mask = checked_mask(mask_in, x, relu);
-  const Tensor mean = per_channel(mean_in, x, "mean");
+  const GradInputs in = grad_inputs(grad_in, mask_in, x_in, mean_in, relu);
+  const Tensor &x = in.x, &grad = in.grad, &mean = in.mean;
+  const auto fmt = in.fmt;
+  const Geometry g = in.g;
+  const uint8_t* mask_ptr = in.mask_ptr;
   const Tensor k = per_channel(k_in, x, "k");
   const Tensor b = per_channel(b_in, x, "b");
   const Tensor c = per_channel(c_in, x, "c");
-  const Geometry g = geometry(x, fmt);
-  const uint8_t* mask_ptr = relu ? mask.const_data_ptr<uint8_t>() : nullptr;
   Tensor dx = empty_like_format(x, fmt);
   Tensor dres = residual_grad ? empty_like_format(x, fmt) : at::empty({0}, x.options());
   void* dres_ptr = residual_grad ? dres.mutable_data_ptr() : nullptr;

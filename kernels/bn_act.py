@@ -52,6 +52,14 @@ def _memory_offsets(m, c, C, inner, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Memory offsets and validity of a [BLOCK_M, BLOCK_C] tile: elements m0.. of channels c."""
+    m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    valid = (m < end)[:, None] & c_ok[None, :]
+    return _memory_offsets(m[:, None], c[None, :], C, inner, CHANNELS_LAST), valid
+
+
+@triton.jit
 def _relu_bits(mask_ptr, offs, valid):
     byte = tl.load(mask_ptr + offs // 8, mask=valid, other=0)
     return ((byte >> (offs % 8).to(tl.uint8)) & 1) != 0
@@ -73,9 +81,7 @@ def _stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, C, inner, per_channel, rows_p
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        valid = (m < end)[:, None] & c_ok[None, :]
-        offs = _memory_offsets(m[:, None], c[None, :], C, inner, CHANNELS_LAST)
+        offs, valid = _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         n_tile = tl.sum(valid.to(tl.float32), axis=0)
         mean_tile = tl.sum(x, axis=0) / tl.maximum(n_tile, 1.0)
@@ -161,9 +167,7 @@ def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr,
     sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dzxmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        valid = (m < end)[:, None] & c_ok[None, :]
-        offs = _memory_offsets(m[:, None], c[None, :], C, inner, CHANNELS_LAST)
+        offs, valid = _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M, CHANNELS_LAST)
         dz = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         if RELU:
             dz = tl.where(_relu_bits(mask_ptr, offs, valid), dz, 0.0)

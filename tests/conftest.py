@@ -27,18 +27,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-def usable_backends(device_type: str):
-    return [name for name in backend.BACKENDS if backend.why_not(name, device_type) is None]
+def backend_params(device_type: str):
+    """Every backend, skipped with its reason where it can't run on `device_type` here."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(
+            backend.why_not(name, device_type) is not None,
+            reason=f"{name} backend on {device_type}: {backend.why_not(name, device_type)}"))
+        for name in backend.BACKENDS
+    ]
 
 
 def cpu_backend_params():
-    """Every backend, skipped with its reason where it can't run on the CPU here."""
-    return [
-        pytest.param(name, marks=pytest.mark.skipif(
-            backend.why_not(name, "cpu") is not None,
-            reason=f"{name} backend on CPU: {backend.why_not(name, 'cpu')}"))
-        for name in backend.BACKENDS
-    ]
+    return backend_params("cpu")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

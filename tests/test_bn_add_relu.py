@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bn_cases import check_against_pytorch
-from conftest import cpu_backend_params, requires_cuda
+from conftest import backend_params, cpu_backend_params, requires_cuda
 from fused_resnet import backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -108,12 +108,7 @@ def test_residual_in_other_layout(backend_name):
 
 # ---- GPU: every backend on CUDA in all three dtypes --------------------------------------------
 def cuda_backend_params():
-    return [
-        pytest.param(name, marks=pytest.mark.skipif(
-            backend.why_not(name, "cuda") is not None,
-            reason=f"{name} backend on CUDA: {backend.why_not(name, 'cuda')}"))
-        for name in backend.BACKENDS
-    ]
+    return backend_params("cuda")
 
 
 GPU_SHAPES = SHAPES + [(32, 256, 56, 56), (32, 2048, 7, 7), (8, 64, 112, 112)]

@@ -85,18 +85,25 @@ __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i0, int count,
   }
 }
 
+// Grid-stride loop over the 8-element groups (mask bytes): body(group, first offset, walker).
+template <typename Body>
+__device__ __forceinline__ void for_each_group(Geometry g, Body body) {
+  const int64_t groups = mask_bytes(g.numel());
+  for (int64_t grp = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; grp < groups;
+       grp += int64_t{gridDim.x} * blockDim.x) {
+    ChannelWalker w{g.channels, g.inner, 0, 0};
+    w.seek(grp * 8);
+    body(grp, grp * 8, w);
+  }
+}
+
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ res,
                  const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
                  Geometry g, T* __restrict__ out, uint8_t* __restrict__ mask) {
   const int64_t numel = g.numel();
-  const int64_t groups = mask_bytes(numel);
-  for (int64_t grp = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; grp < groups;
-       grp += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i0 = grp * 8;
-    ChannelWalker w{g.channels, g.inner, 0, 0};
-    w.seek(i0);
+  for_each_group(g, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float xv[8], rv[8], yv[8];
     const int count = load8<T, VEC>(x, i0, numel, xv);
     if (res) {
@@ -108,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
     const uint8_t bits = forward_group8(xv, rv, count, w, scale, shift, relu, yv);
     store8<T, VEC>(out, i0, count, yv);
     if (mask) mask[grp] = bits;
-  }
+  });
 }
 
 template <typename T, bool VEC>
@@ -119,12 +126,7 @@ __global__ void __launch_bounds__(kThreads)
                       const float* __restrict__ cc, bool relu, Geometry g, T* __restrict__ dx,
                       T* __restrict__ dres) {
   const int64_t numel = g.numel();
-  const int64_t groups = mask_bytes(numel);
-  for (int64_t grp = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; grp < groups;
-       grp += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i0 = grp * 8;
-    ChannelWalker w{g.channels, g.inner, 0, 0};
-    w.seek(i0);
+  for_each_group(g, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float gv[8], xv[8], dzv[8], dxv[8];
     const int count = load8<T, VEC>(grad, i0, numel, gv);
     load8<T, VEC>(x, i0, numel, xv);
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_group8(gv, bits, xv, count, w, mean, kc, bc, cc, relu, dzv, dxv);
     store8<T, VEC>(dx, i0, count, dxv);
     if (dres) store8<T, VEC>(dres, i0, count, dzv);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ Tensor empty_per_channel(const Tensor& x) {
   return at::empty({x.size(1)}, x.options().dtype(at::kFloat));
 }
 
-Tensor empty_mask(const Tensor& x, bool relu) {
-  return at::empty({relu ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
+Tensor empty_mask(const Tensor& x, bool written) {
+  return at::empty({written ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
 }
 
 Tensor empty_like_format(const Tensor& x, at::MemoryFormat fmt) {
@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
 std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
                                              const std::optional<Tensor>& residual_in,
                                              const Tensor& scale_in, const Tensor& shift_in,
-                                             bool relu) {
+                                             bool relu, bool save_mask) {
   check_input(x_in, "input");
   const auto fmt = kernel_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
@@ -187,8 +187,9 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
   const Tensor shift = per_channel(shift_in, x, "shift");
   const Geometry g = geometry(x, fmt);
   Tensor out = empty_like_format(x, fmt);
-  Tensor mask = empty_mask(x, relu);
-  uint8_t* mask_ptr = relu ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+  save_mask = save_mask && relu;
+  Tensor mask = empty_mask(x, save_mask);
+  uint8_t* mask_ptr = save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr;
 #ifdef FR_WITH_CUDA
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
@@ -276,7 +277,7 @@ TORCH_LIBRARY_FRAGMENT(fused_resnet, m) {
   m.def("bn_stats_cpp(Tensor input) -> (Tensor mean, Tensor var)");
   m.def(
       "bn_add_relu_apply_cpp(Tensor input, Tensor? residual, Tensor scale, Tensor shift, "
-      "bool relu) -> (Tensor out, Tensor mask)");
+      "bool relu, bool save_mask) -> (Tensor out, Tensor mask)");
   m.def(
       "bn_add_relu_grad_reduce_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
       "bool relu) -> (Tensor sum_dz, Tensor sum_dz_xmu)");

@@ -33,7 +33,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
         input, residual, weight, bias,
         None if training else running_mean, None if training else running_var,
-        training, eps, relu)
+        training, eps, relu, _needs_grad(input, residual, weight, bias))
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, input, momentum,
                               num_batches_tracked)
@@ -84,6 +84,11 @@ def _check_arguments(input, residual, running_mean, running_var, weight, bias, t
         if momentum is None and running_mean is not None and num_batches_tracked is None:
             raise ValueError("batch_norm_add_relu: momentum=None (cumulative average) needs "
                              "num_batches_tracked")
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will record the op (then backward needs the ReLU mask)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _verify_batch_size(input: Tensor) -> None:

@@ -56,8 +56,10 @@ def mask_bytes(numel: int) -> int:
     return (numel + 7) // 8
 
 
-def empty_mask(x: torch.Tensor, relu: bool) -> torch.Tensor:
-    return torch.empty(mask_bytes(x.numel()) if relu else 0, dtype=torch.uint8, device=x.device)
+def empty_mask(x: torch.Tensor, written: bool) -> torch.Tensor:
+    """The packed ReLU mask of `x` (empty when no mask is written)."""
+    return torch.empty(mask_bytes(x.numel()) if written else 0, dtype=torch.uint8,
+                       device=x.device)
 
 
 def accumulate_dtype(x: torch.Tensor) -> torch.dtype:

@@ -46,18 +46,21 @@ def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bn_add_relu_apply(input: torch.Tensor, residual: Optional[torch.Tensor], scale: torch.Tensor,
-                      shift: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """out = relu(input*scale + shift + residual) and its packed ReLU mask."""
+                      shift: torch.Tensor, relu: bool,
+                      save_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = relu(input*scale + shift + residual), and its packed ReLU mask if relu and
+    save_mask (backward needs it; inference does not), else an empty mask."""
     y = _acc(input) * _per_channel(scale) + _per_channel(shift)
     if residual is not None:
         y = y + _acc(residual)
     x = layout.dense_like(input, input)
     out = layout.empty_like_kernel(x)
-    if relu:
+    if relu and save_mask:
         mask = pack_bits(layout.memory_order(y > 0, x))
-        y = torch.relu(y)
     else:
-        mask = layout.empty_mask(x, relu)
+        mask = layout.empty_mask(x, False)
+    if relu:
+        y = torch.relu(y)
     out.copy_(y)
     return out, mask
 

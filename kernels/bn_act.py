@@ -128,8 +128,10 @@ def _stats_final_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, per_ch
 
 @triton.jit
 def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel, C, inner,
-                  HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    """out = relu(x*scale + shift + residual); one mask bit per element, 8 per byte."""
+                  HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = relu(x*scale + shift + residual); if SAVE_MASK, one mask bit per element, 8 per
+    byte."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < numel
@@ -143,6 +145,7 @@ def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel
     if RELU:
         positive = (y > 0.0) & valid
         y = tl.where(positive | (y != y), y, 0.0)  # NaN stays NaN, as torch.relu
+    if RELU and SAVE_MASK:
         bits = tl.reshape(positive.to(tl.int32), (BLOCK // 8, 8))
         weights = (1 << tl.arange(0, 8))[None, :]
         packed = tl.sum(bits * weights, axis=1).to(tl.uint8)
@@ -231,18 +234,20 @@ def bn_stats(input: torch.Tensor):
     return mean, var
 
 
-def bn_add_relu_apply(input, residual, scale, shift, relu):
+def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     x = layout.dense_like(input, input)
     res = layout.dense_like(residual, x) if residual is not None else x
     g = layout.geometry(x)
     out = layout.empty_like_kernel(x)
-    mask = layout.empty_mask(x, relu)
+    save_mask = relu and save_mask
+    mask = layout.empty_mask(x, save_mask)
     block = _elementwise_block(x)
     numel = x.numel()
     if numel:
         _apply_kernel[(triton.cdiv(numel, block),)](
-            x, res, scale.contiguous(), shift.contiguous(), out, mask if relu else out, numel,
-            g.channels, g.inner, HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK=block)
+            x, res, scale.contiguous(), shift.contiguous(), out, mask if save_mask else out,
+            numel, g.channels, g.inner, HAS_RESIDUAL=residual is not None, RELU=relu,
+            SAVE_MASK=save_mask, BLOCK=block)
     return out, mask
 
 

@@ -13,7 +13,8 @@ ops = torch.ops.fused_resnet
 PIECES = ["bn_stats", "bn_add_relu_apply", "bn_add_relu_grad_reduce", "bn_add_relu_grad_apply"]
 
 
-def piece_inputs(shape=(2, 5, 3, 5), dtype=torch.float32, channels_last=False, relu=True):
+def piece_inputs(shape=(2, 5, 3, 5), dtype=torch.float32, channels_last=False, relu=True,
+                 save_mask=True):
     """Arguments of each kernel-level piece (numel 150: not a multiple of 8)."""
     x = torch.randn(shape).to(dtype)
     if channels_last:
@@ -24,10 +25,10 @@ def piece_inputs(shape=(2, 5, 3, 5), dtype=torch.float32, channels_last=False, r
     scale, shift = torch.rand(c) + 0.5, torch.randn(c)
     mean = torch.randn(c) * 0.1
     k, b, cc = torch.rand(c), torch.randn(c) * 0.1, torch.randn(c) * 0.1
-    _, mask = reference.bn_add_relu_apply(x, r, scale, shift, relu)
+    _, mask = reference.bn_add_relu_apply(x, r, scale, shift, relu, True)
     return {
         "bn_stats": (x,),
-        "bn_add_relu_apply": (x, r, scale, shift, relu),
+        "bn_add_relu_apply": (x, r, scale, shift, relu, save_mask),
         "bn_add_relu_grad_reduce": (grad, mask, x, mean, relu),
         "bn_add_relu_grad_apply": (grad, mask, x, mean, k, b, cc, relu, True),
     }
@@ -42,10 +43,14 @@ def backend_op(piece, backend_name):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_piece_matches_reference(backend_name, piece, channels_last, relu, dtype):
+@pytest.mark.parametrize("save_mask", [True, False], ids=["mask", "nomask"])
+def test_piece_matches_reference(backend_name, piece, channels_last, relu, dtype, save_mask):
     """Each kernel piece vs reference.<piece>: masks bit-exact, values within fp32 rounding of
     the same computation (plus one rounding of the storage dtype)."""
-    args = piece_inputs(dtype=dtype, channels_last=channels_last, relu=relu)[piece]
+    if piece != "bn_add_relu_apply" and not save_mask:
+        pytest.skip("save_mask only applies to bn_add_relu_apply")
+    args = piece_inputs(dtype=dtype, channels_last=channels_last, relu=relu,
+                        save_mask=save_mask)[piece]
     with backend.use(backend_name):
         got = getattr(ops, piece)(*args)
     want = getattr(reference, piece)(*args)
@@ -60,9 +65,26 @@ def test_piece_matches_reference(backend_name, piece, channels_last, relu, dtype
 
 def test_mask_is_one_bit_per_element():
     x = torch.randn(3, 5, 7, 3)  # 315 elements -> 40 bytes
-    out, mask = ops.bn_add_relu_apply(x, None, torch.ones(5), torch.zeros(5), True)
+    out, mask = ops.bn_add_relu_apply(x, None, torch.ones(5), torch.zeros(5), True, True)
     assert mask.dtype == torch.uint8 and mask.numel() == 40
     assert torch.equal(reference.relu_mask(mask, x), x > 0)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+def test_inference_writes_no_mask(backend_name):
+    """Under no_grad (or with nothing requiring grad) no ReLU mask is written at all."""
+    x = torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with backend.use(backend_name), torch.no_grad():
+        out, mask, _, _ = ops.bn_add_relu(x, None, None, None, rm, rv, False, 1e-5, True, False)
+    assert mask.numel() == 0
+    torch.testing.assert_close(out, torch.relu(F.batch_norm(x, rm, rv)))
+
+
+def test_backward_without_saved_mask_is_refused():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backward needs the ReLU mask"):
+        ops.bn_add_relu(x, None, None, None, None, None, True, 1e-5, True, False)
 
 
 def test_backward_saves_input_and_bit_mask_only():
@@ -109,8 +131,8 @@ def test_opcheck_bn_add_relu(backend_name, training, residual):
     rm, rv = torch.zeros(4), torch.ones(4)
     with backend.use(backend_name):
         torch.library.opcheck(ops.bn_add_relu.default,
-                              (x, r, w, b, rm, rv, training, 1e-5, True))
-        _, mask, mean, var = ops.bn_add_relu(x, r, w, b, rm, rv, training, 1e-5, True)
+                              (x, r, w, b, rm, rv, training, 1e-5, True, True))
+        _, mask, mean, var = ops.bn_add_relu(x, r, w, b, rm, rv, training, 1e-5, True, True)
         grad = torch.randn(2, 4, 3, 3)
         torch.library.opcheck(ops.bn_add_relu_backward.default,
                               (grad, x.detach(), mask, mean, var, w.detach(), training, 1e-5,
@@ -241,9 +263,10 @@ def test_one_value_per_channel_same_error_as_pytorch():
 @pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None, reason="C++ extension not built")
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.bn_add_relu_apply_cpp(torch.randn(2, 4, 3, 3), None, torch.ones(3),
-                                       torch.zeros(4), True), r"scale must have shape \(4,\)"),
+                                       torch.zeros(4), True, True),
+     r"scale must have shape \(4,\)"),
     (lambda: ops.bn_add_relu_apply_cpp(torch.randn(2, 4, 3, 3), None, torch.ones(4).double(),
-                                       torch.zeros(4), True), "scale must be float32"),
+                                       torch.zeros(4), True, True), "scale must be float32"),
     (lambda: ops.bn_stats_cpp(torch.randn(2, 4, 3, 3).double()), "unsupported dtype"),
     (lambda: ops.bn_stats_cpp(torch.randn(4, 3, 3)), "must be 4-D"),
     (lambda: ops.bn_add_relu_grad_apply_cpp(
@@ -258,7 +281,7 @@ def test_cpp_ops_check_their_input(call, message):
 def test_layout_rule_matches_mask_order():
     """The bit order of the mask follows layout.kernel_format: memory order of NHWC input."""
     x = torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last)
-    _, mask = ops.bn_add_relu_apply(x, None, torch.ones(3), torch.zeros(3), True)
+    _, mask = ops.bn_add_relu_apply(x, None, torch.ones(3), torch.zeros(3), True, True)
     bits = reference.unpack_bits(mask, x.numel())
     assert torch.equal(bits, layout.memory_order(x > 0, x))
 
@@ -285,7 +308,8 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)  # 1260 rows: several CPU chunks
     grad = torch.randn_like(x)
-    _, mask = reference.bn_add_relu_apply(x, None, torch.ones(5), torch.full((5,), -4.0), True)
+    _, mask = reference.bn_add_relu_apply(x, None, torch.ones(5), torch.full((5,), -4.0), True,
+                                          True)
     with backend.use(backend_name):
         mean, var = ops.bn_stats(x)
         sum_dz, sum_dz_xmu = ops.bn_add_relu_grad_reduce(grad, mask, x, mean, True)

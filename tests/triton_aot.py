@@ -72,8 +72,9 @@ def bn_act_variants():
         yield ("apply", t, bn_act._apply_kernel,
                {"x_ptr": f"*{t}", "res_ptr": f"*{t}", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
                 "out_ptr": f"*{t}", "mask_ptr": "*u8", "numel": "i64", **sizes,
-                "HAS_RESIDUAL": "constexpr", "RELU": "constexpr", "BLOCK": "constexpr"},
-               {"HAS_RESIDUAL": True, "RELU": True, "BLOCK": block})
+                "HAS_RESIDUAL": "constexpr", "RELU": "constexpr", "SAVE_MASK": "constexpr",
+                "BLOCK": "constexpr"},
+               {"HAS_RESIDUAL": True, "RELU": True, "SAVE_MASK": True, "BLOCK": block})
         yield ("grad_apply", t, bn_act._grad_apply_kernel,
                {"grad_ptr": f"*{t}", "mask_ptr": "*u8", "x_ptr": f"*{t}", "mean_ptr": "*fp32",
                 "k_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "dx_ptr": f"*{t}",

@@ -11,7 +11,8 @@ namespace cpu {
 // Per-channel batch mean and biased variance (fp32).
 void bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var);
 
-// out = relu(x*scale[c] + shift[c] + residual); mask gets one bit per element (nullptr: no mask).
+// out = relu(x*scale[c] + shift[c] + residual); mask gets one bit per element (nullptr: none
+// wanted, e.g. inference).
 // residual may be nullptr.
 void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* scale,
                        const float* shift, bool relu, Geometry g, void* out, uint8_t* mask);

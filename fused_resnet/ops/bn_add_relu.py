@@ -2,8 +2,8 @@
 
 Op structure (all under torch.ops.fused_resnet, each with a fake implementation):
 
-    bn_add_relu(input, residual?, weight?, bias?, running_mean?, running_var?, training, eps, relu)
-        -> (out, mask, mean, var)           differentiable (register_autograd)
+    bn_add_relu(input, residual?, weight?, bias?, running_mean?, running_var?, training, eps, relu,
+                save_mask) -> (out, mask, mean, var)      differentiable (register_autograd)
     bn_add_relu_backward(...) -> (grad_input, grad_residual, grad_weight, grad_bias)
 
 built from four kernel-level pieces, each dispatched to a backend (fused_resnet.backend):
@@ -44,8 +44,8 @@ def _fake_stats(input):
     return layout.empty_per_channel(input), layout.empty_per_channel(input)
 
 
-def _fake_apply(input, residual, scale, shift, relu):
-    return layout.empty_like_kernel(input), layout.empty_mask(input, relu)
+def _fake_apply(input, residual, scale, shift, relu, save_mask):
+    return layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask)
 
 
 def _fake_grad_reduce(grad, mask, input, mean, relu):
@@ -68,8 +68,8 @@ def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_apply", mutates_args=())
 def bn_add_relu_apply(input: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor,
-                      relu: bool) -> tuple[Tensor, Tensor]:
-    return _run("bn_add_relu_apply", input, input, residual, scale, shift, relu)
+                      relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
+    return _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce", mutates_args=())
@@ -103,8 +103,8 @@ def bn_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
 def bn_add_relu_apply_triton(input: Tensor, residual: Optional[Tensor], scale: Tensor,
-                             shift: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
-    return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu)
+                             shift: Tensor, relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu, save_mask)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
@@ -148,11 +148,12 @@ def _scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opti
 @torch.library.custom_op("fused_resnet::bn_add_relu", mutates_args=())
 def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], training: bool, eps: float,
-                relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                running_var: Optional[Tensor], training: bool, eps: float, relu: bool,
+                save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """relu(batch_norm(input) + residual). Returns (out, mask, mean, var): the batch mean and
     biased variance when training (the caller updates running stats), else fp32 copies of the
-    running stats. Running stats are read, never written, here."""
+    running stats. Running stats are read, never written, here. The ReLU mask is written only
+    if save_mask (backward needs it, inference does not)."""
     if training:
         mean, var = bn_stats(input)
     else:
@@ -160,13 +161,13 @@ def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tens
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
     _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
-    out, mask = bn_add_relu_apply(input, residual, scale, shift, relu)
+    out, mask = bn_add_relu_apply(input, residual, scale, shift, relu, save_mask)
     return out, mask, mean, var
 
 
 @bn_add_relu.register_fake
-def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu):
-    return (layout.empty_like_kernel(input), layout.empty_mask(input, relu),
+def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu, save_mask):
+    return (layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask),
             layout.empty_per_channel(input), layout.empty_per_channel(input))
 
 
@@ -203,8 +204,11 @@ def _(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_gr
 
 
 def _setup_context(ctx, inputs, output):
-    input, residual, weight, bias, _, _, training, eps, relu = inputs
+    input, residual, weight, bias, _, _, training, eps, relu, save_mask = inputs
     _, mask, mean, var = output
+    if relu and not save_mask and any(ctx.needs_input_grad[:4]):
+        raise RuntimeError("fused_resnet::bn_add_relu: called with save_mask=False on inputs "
+                           "that require grad; backward needs the ReLU mask")
     ctx.save_for_backward(input, mask, mean, var, weight)
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_residual = residual is not None
@@ -224,7 +228,7 @@ def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
         grad_residual if ctx.has_residual and need_residual else None,
         grad_weight.to(ctx.weight_dtype) if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 

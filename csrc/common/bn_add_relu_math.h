@@ -65,6 +65,12 @@ FR_HD void grad_sums_combine(GradSums& a, const GradSums& b) {
   a.sum_dz_xmu += b.sum_dz_xmu;
 }
 
+// Merges partial reduction states of either kind (what the generic reductions call).
+struct MergeStates {
+  FR_HD void operator()(WelfordState& a, const WelfordState& b) const { welford_combine(a, b); }
+  FR_HD void operator()(GradSums& a, const GradSums& b) const { grad_sums_combine(a, b); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Packed ReLU mask: bit (i & 7) of byte (i >> 3) is 1 where the output at memory offset i is > 0.
 FR_HD bool mask_bit(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }

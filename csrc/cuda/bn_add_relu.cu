@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "common/bn_add_relu_math.h"
+#include "common/reduce_plan.h"
 #include "cuda/bn_add_relu_launch.h"
 
 namespace fused_resnet {
@@ -22,8 +23,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxElementwiseBlocks = int64_t{1} << 20;  // grid-stride loop beyond this
-constexpr int64_t kTargetReduceBlocks = 2048;                // a few waves on an H100 (132 SMs)
-constexpr int64_t kMinElementsPerThread = 8;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -138,12 +137,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reductions.
-__device__ __forceinline__ void merge(WelfordState& a, const WelfordState& b) {
-  welford_combine(a, b);
-}
-__device__ __forceinline__ void merge(GradSums& a, const GradSums& b) { grad_sums_combine(a, b); }
-
+// Reductions: the split, the lane accumulation and the merge steps are the __host__ __device__
+// functions of common/reduce_plan.h (also run on the CPU by tests/cpp/cuda_reduce_sim.cpp).
 template <typename T>
 struct StatsAccumulate {
   const T* x;
@@ -183,78 +178,45 @@ struct GradFinish {
   }
 };
 
-// How a per-channel reduction is split: CW channels per block (32 for NHWC, where channels are
-// contiguous, 1 for NCHW, where one channel's plane is), `splits` blocks along the elements.
-struct ReducePlan {
-  int channel_lanes;
-  int64_t channel_tiles;
-  int64_t splits;
-};
-
-ReducePlan reduce_plan(Geometry g) {
-  ReducePlan p;
-  p.channel_lanes = g.inner == 1 ? 32 : 1;
-  p.channel_tiles = (g.channels + p.channel_lanes - 1) / p.channel_lanes;
-  const int64_t row_lanes = kThreads / p.channel_lanes;
-  const int64_t per_channel = std::max<int64_t>(g.per_channel(), 1);
-  const int64_t by_work = (per_channel + row_lanes * kMinElementsPerThread - 1) /
-                          (row_lanes * kMinElementsPerThread);
-  const int64_t by_occupancy = std::max<int64_t>(kTargetReduceBlocks / p.channel_tiles, 1);
-  p.splits = std::max<int64_t>(1, std::min<int64_t>({by_work, by_occupancy, 65535}));
-  return p;
-}
-
-// Block-wide tree merge over the row lanes of each channel lane.
+// Tree merge of the block's lanes in shared memory; lane tx then holds channel tx's result.
 template <typename State>
-__device__ void merge_row_lanes(State* smem, int channel_lanes) {
-  const int row_lanes = kThreads / channel_lanes;
-  const int ty = threadIdx.x / channel_lanes;
+__device__ void merge_block_lanes(State* lanes, int channel_lanes) {
+  const int row_lanes = kReduceThreads / channel_lanes;
   for (int stride = row_lanes / 2; stride > 0; stride >>= 1) {
-    if (ty < stride) merge(smem[threadIdx.x], smem[threadIdx.x + stride * channel_lanes]);
+    merge_lanes_step(lanes, static_cast<int>(threadIdx.x), stride, channel_lanes,
+                     MergeStates{});
     __syncthreads();
   }
 }
 
-template <int CW, typename State, typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    reduce_partial_kernel(Acc acc, State empty, Geometry g, State* __restrict__ partial) {
-  constexpr int RW = kThreads / CW;
-  __shared__ State smem[kThreads];
-  const int tx = threadIdx.x % CW;
-  const int ty = threadIdx.x / CW;
-  const int64_t c = int64_t{blockIdx.x} * CW + tx;
-  State s = empty;
-  if (c < g.channels) {
-    const int64_t m = g.per_channel();
-    for (int64_t j = int64_t{blockIdx.y} * RW + ty; j < m; j += int64_t{gridDim.y} * RW) {
-      int64_t offset;
-      if (g.inner == 1) {
-        offset = j * g.channels + c;
-      } else {
-        const int64_t n = j / g.inner;
-        offset = (n * g.channels + c) * g.inner + (j - n * g.inner);
-      }
-      acc(s, offset, c);
-    }
-  }
-  smem[threadIdx.x] = s;
+template <typename State, typename Acc>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_partial_kernel(Acc acc, State empty, Geometry g, ReducePlan plan,
+                          State* __restrict__ partial) {
+  __shared__ State lanes[kReduceThreads];
+  lanes[threadIdx.x] =
+      accumulate_lane(g, plan, blockIdx.x, blockIdx.y, threadIdx.x, acc, empty);
   __syncthreads();
-  merge_row_lanes(smem, CW);
-  if (ty == 0 && c < g.channels) partial[int64_t{blockIdx.y} * g.channels + c] = smem[tx];
+  merge_block_lanes(lanes, plan.channel_lanes);
+  const int64_t c = int64_t{blockIdx.x} * plan.channel_lanes + threadIdx.x;
+  if (threadIdx.x < plan.channel_lanes && c < g.channels)
+    partial[int64_t{blockIdx.y} * g.channels + c] = lanes[threadIdx.x];
 }
 
+// One block per channel merges that channel's partials, in split order within each lane.
 template <typename State, typename Finish>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kReduceThreads)
     reduce_final_kernel(const State* __restrict__ partial, int64_t splits, int64_t channels,
                         State empty, Finish finish) {
-  __shared__ State smem[kThreads];
+  __shared__ State lanes[kReduceThreads];
   const int64_t c = blockIdx.x;
   State s = empty;
-  for (int64_t p = threadIdx.x; p < splits; p += kThreads) merge(s, partial[p * channels + c]);
-  smem[threadIdx.x] = s;
+  for (int64_t p = threadIdx.x; p < splits; p += kReduceThreads)
+    MergeStates{}(s, partial[p * channels + c]);
+  lanes[threadIdx.x] = s;
   __syncthreads();
-  merge_row_lanes(smem, 1);
-  if (threadIdx.x == 0) finish(c, smem[0]);
+  merge_block_lanes(lanes, 1);
+  if (threadIdx.x == 0) finish(c, lanes[0]);
 }
 
 template <typename State, typename Acc, typename Finish>
@@ -264,12 +226,8 @@ cudaError_t reduce_per_channel(Geometry g, Acc acc, State empty, Finish finish, 
   const ReducePlan p = reduce_plan(g);
   State* partial = static_cast<State*>(workspace);
   const dim3 grid(static_cast<unsigned>(p.channel_tiles), static_cast<unsigned>(p.splits));
-  if (p.channel_lanes == 32) {
-    reduce_partial_kernel<32><<<grid, kThreads, 0, stream>>>(acc, empty, g, partial);
-  } else {
-    reduce_partial_kernel<1><<<grid, kThreads, 0, stream>>>(acc, empty, g, partial);
-  }
-  reduce_final_kernel<<<static_cast<unsigned>(g.channels), kThreads, 0, stream>>>(
+  reduce_partial_kernel<<<grid, kReduceThreads, 0, stream>>>(acc, empty, g, p, partial);
+  reduce_final_kernel<<<static_cast<unsigned>(g.channels), kReduceThreads, 0, stream>>>(
       partial, p.splits, g.channels, empty, finish);
   return cudaGetLastError();
 }

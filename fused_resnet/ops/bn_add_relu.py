@@ -154,14 +154,16 @@ def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     biased variance when training (the caller updates running stats), else fp32 copies of the
     running stats. Running stats are read, never written, here. The ReLU mask is written only
     if save_mask (backward needs it, inference does not)."""
+    # The pieces run through _run directly, not through their custom ops: one Python dispatch
+    # layer less per piece (this op is already opaque to autograd and torch.compile).
     if training:
-        mean, var = bn_stats(input)
+        mean, var = _run("bn_stats", input, input)
     else:
         acc = layout.accumulate_dtype(input)
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
     _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
-    out, mask = bn_add_relu_apply(input, residual, scale, shift, relu, save_mask)
+    out, mask = _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask)
     return out, mask, mean, var
 
 
@@ -180,15 +182,16 @@ def bn_add_relu_backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Te
     grad_bias (fp32) are empty unless param_grads."""
     invstd, k, _ = _scale_shift(mean, var, weight, None, eps)
     if training or param_grads:
-        sum_dz, sum_dz_xmu = bn_add_relu_grad_reduce(grad_out, mask, input, mean, relu)
+        sum_dz, sum_dz_xmu = _run("bn_add_relu_grad_reduce", input, grad_out, mask, input, mean,
+                                  relu)
     if training:
         per_channel = input.numel() // input.shape[1]
         b = -k * invstd * invstd * sum_dz_xmu / per_channel
         c = -k * sum_dz / per_channel
     else:
         b = c = torch.zeros_like(k)
-    grad_input, grad_residual = bn_add_relu_grad_apply(grad_out, mask, input, mean, k, b, c,
-                                                       relu, residual_grad)
+    grad_input, grad_residual = _run("bn_add_relu_grad_apply", input, grad_out, mask, input,
+                                     mean, k, b, c, relu, residual_grad)
     if param_grads:
         grad_weight, grad_bias = sum_dz_xmu * invstd, sum_dz
     else:

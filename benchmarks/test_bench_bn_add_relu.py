@@ -123,7 +123,7 @@ def test_bn_add_relu(benchmark, provider, shape, mode, bench_device, copy_bandwi
 
     for _ in range(3):  # warm-up: compilation, autotuning, allocator
         step()
-    rounds = 30 if bench_device == "cuda" else 10
+    rounds = 30
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)
     if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test
         return

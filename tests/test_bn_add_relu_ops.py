@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
-from conftest import cpu_backend_params
+from conftest import backend_params, cpu_backend_params, requires_cuda
 from fused_resnet import backend, layout, reference
 
 ops = torch.ops.fused_resnet
@@ -321,3 +321,37 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
     torch.testing.assert_close(sum_dz_xmu.double(),
                                (dz * (x.double() - mean.double().view(1, -1, 1, 1)))
                                .sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+# ---- the same registrations on a GPU (skipped without one) --------------------------------------
+def _to_cuda(args):
+    return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend_name", backend_params("cuda"))
+@pytest.mark.parametrize("piece", PIECES)
+def test_opcheck_pieces_cuda(backend_name, piece):
+    args = _to_cuda(piece_inputs(dtype=torch.bfloat16, channels_last=True)[piece])
+    torch.library.opcheck(backend_op(piece, backend_name), args)
+    with backend.use(backend_name):
+        torch.library.opcheck(getattr(ops, piece).default, args)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend_name", backend_params("cuda"))
+def test_torch_compile_fullgraph_cuda(backend_name):
+    x = torch.randn(4, 8, 6, 6, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True).contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(x)
+    w = torch.rand(8, device="cuda", requires_grad=True)
+    b = torch.randn(8, device="cuda", requires_grad=True)
+    with backend.use(backend_name):
+        eager = _train_step(x, r, w, b, torch.zeros(8, device="cuda"),
+                            torch.ones(8, device="cuda"), torch.tensor(0, device="cuda"))
+        compiled = torch.compile(_train_step, fullgraph=True)(
+            x, r, w, b, torch.zeros(8, device="cuda"), torch.ones(8, device="cuda"),
+            torch.tensor(0, device="cuda"))
+    torch.testing.assert_close(compiled, eager)

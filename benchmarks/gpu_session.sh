@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a lent GPU session should run, in one device call (build, full test suite with the
+# GPU cases, compute-sanitizer on the CUDA kernels, benchmarks + report). Run from the repository
+# root on the device machine:  bash benchmarks/gpu_session.sh
+# Results go to $OUT (or ./gpu-out); the markdown report also to benchmarks/results/.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+log() { echo "=== $* ===" | tee -a "$OUT/summary.txt"; }
+
+log "build"
+pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1; echo "build rc=$?" | tee -a "$OUT/summary.txt"
+python3 -m fused_resnet info | tee "$OUT/info.txt"
+
+log "tests"
+python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+echo "tests rc=$?" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+log "compute-sanitizer"
+for tool in memcheck racecheck initcheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tests/gpu_sanitize.py \
+    > "$OUT/sanitizer-$tool.log" 2>&1
+  echo "$tool rc=$? $(tail -1 "$OUT/sanitizer-$tool.log")" | tee -a "$OUT/summary.txt"
+done
+
+log "benchmarks"
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+stamp=$(date -u +%Y-%m-%d)
+cmd="pytest benchmarks/test_bench_bn_add_relu.py --benchmark-json=$OUT/bn_add_relu.json"
+python3 -m pytest benchmarks/test_bench_bn_add_relu.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bn_add_relu.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/summary.txt"
+python3 benchmarks/report.py "$OUT/bn_add_relu.json" --command "$cmd" \
+  -o "benchmarks/results/bn_add_relu-$device-$stamp.md"
+cp "benchmarks/results/bn_add_relu-$device-$stamp.md" "$OUT/"
+cat "$OUT/summary.txt"
+cat "benchmarks/results/bn_add_relu-$device-$stamp.md"

@@ -28,11 +28,22 @@ class Comparison(NamedTuple):
     def ok(self) -> bool:
         return self.error <= self.allowed
 
+    @property
+    def ratio(self) -> float:
+        """error / allowed: <= 1 passes."""
+        if self.allowed == 0:
+            return 0.0 if self.error == 0 else float("inf")
+        return self.error / self.allowed
 
-def compare(name: str, got: torch.Tensor, ref64: torch.Tensor,
-            torch_same_dtype: torch.Tensor) -> Comparison:
+
+def compare(name: str, got: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor,
+            torch_ref64: Optional[torch.Tensor] = None) -> Comparison:
+    """torch_ref64: the float64 reference for PyTorch's result, if not ref64 (see
+    compare_step)."""
+    torch_ref64 = ref64 if torch_ref64 is None else torch_ref64
     err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    err_torch = (torch_same_dtype.double() - ref64).abs().max().item() if got.numel() else 0.0
+    err_torch = (torch_same_dtype.double() - torch_ref64).abs().max().item() \
+        if got.numel() else 0.0
     scale = (ref64.abs().max().item() if ref64.numel() else 0.0) + 1.0
     allowed = 2 * err_torch + ROUNDING_UNITS * torch.finfo(got.dtype).eps * scale
     return Comparison(name, err, err_torch, allowed)
@@ -75,6 +86,15 @@ def pytorch_step(bn, x, residual, relu=True):
     return torch.relu(y) if relu else y
 
 
+def masked_step(keep):
+    """bn(x) + residual with the ReLU's decision fixed to `keep` (a bool tensor): the float64
+    reference for an implementation whose ReLU decided `keep`."""
+    def step(bn, x, residual, relu=True):
+        y = pytorch_step(bn, x, residual, relu=False)
+        return y * keep.to(y.dtype) if relu else y
+    return step
+
+
 def forward_backward(step, bn, x, residual, grad_out, relu=True):
     """Returns (output, gradients of x, residual (if any), weight and bias (if affine))."""
     x = x.detach().requires_grad_()
@@ -87,12 +107,30 @@ def forward_backward(step, bn, x, residual, grad_out, relu=True):
 
 def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
     """One training or eval step of the three BatchNorms on the same values; the comparisons
-    of output and every gradient."""
+    of output, ReLU decisions and every gradient.
+
+    Where the exact pre-activation is within rounding of zero, the ReLU's decision may go
+    either way in low precision (PyTorch's own does), and a gradient there is g or 0. So each
+    implementation's gradients are compared with the float64 gradients *given its own ReLU
+    decisions*, and those decisions are checked separately: they must match float64's wherever
+    the pre-activation is farther from zero than the forward tolerance."""
+    snapshot = copy.deepcopy(bn_64)  # state before this step, for the masked references
+    x64 = x.double()
+    r64 = residual.double() if residual is not None else None
+    g64 = grad_out.double()
     out, grads = forward_backward(fused_step, bn_fused, x, residual, grad_out, relu)
     out_t, grads_t = forward_backward(pytorch_step, bn_torch, x, residual, grad_out, relu)
-    out_64, grads_64 = forward_backward(
-        pytorch_step, bn_64, x.double(), residual.double() if residual is not None else None,
-        grad_out.double(), relu)
+    out_64, _ = forward_backward(pytorch_step, bn_64, x64, r64, g64, relu)
+    if relu:
+        pre_64 = pytorch_step(copy.deepcopy(snapshot), x64, r64, relu=False).detach()
+        _, grads_64 = forward_backward(masked_step(out > 0), copy.deepcopy(snapshot), x64, r64,
+                                       g64)
+        _, grads_64_t = forward_backward(masked_step(out_t > 0), copy.deepcopy(snapshot), x64,
+                                         r64, g64)
+    else:
+        _, grads_64 = forward_backward(pytorch_step, copy.deepcopy(snapshot), x64, r64, g64,
+                                       relu)
+        grads_64_t = grads_64
     if out.dtype != x.dtype or out.shape != x.shape:
         raise AssertionError(f"output is {out.dtype} {tuple(out.shape)}, input {x.dtype} "
                              f"{tuple(x.shape)}")
@@ -101,10 +139,14 @@ def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
     names = ["grad input"] + (["grad residual"] if residual is not None else []) \
         + (["grad weight", "grad bias"] if bn_fused.weight is not None else [])
     results = [compare("output", out, out_64, out_t)]
-    for name, got, ref64, ref_t in zip(names, grads, grads_64, grads_t):
+    if relu:
+        ambiguous = pre_64.abs() <= results[0].allowed
+        wrong = ((out > 0) != (pre_64 > 0)) & ~ambiguous
+        results.append(Comparison("relu decisions", float(wrong.sum().item()), 0.0, 0.0))
+    for name, got, ref64, ref_t, ref64_t in zip(names, grads, grads_64, grads_t, grads_64_t):
         if got.dtype != ref_t.dtype:
             raise AssertionError(f"{name} is {got.dtype}, PyTorch's is {ref_t.dtype}")
-        results.append(compare(name, got, ref64, ref_t))
+        results.append(compare(name, got, ref64, ref_t, ref64_t))
     return results
 
 
@@ -135,7 +177,7 @@ def verify_bn_add_relu(device: Optional[str] = None, verbose: bool = True) -> bo
                     ok = all(c.ok for c in results)
                     all_ok &= ok
                     if verbose:
-                        worst = max(results, key=lambda c: c.error / c.allowed)
+                        worst = max(results, key=lambda c: c.ratio)
                         print(f"{'ok      ' if ok else 'MISMATCH'} backend={name:6s} "
                               f"{str(dtype).replace('torch.', ''):8s} "
                               f"{'nhwc' if channels_last else 'nchw'} "

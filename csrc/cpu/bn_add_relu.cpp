@@ -26,7 +26,7 @@ namespace {
 // whatever the number of threads.
 constexpr int64_t kChunk = 4096;            // elements per elementwise chunk (multiple of 8)
 constexpr int64_t kChunksPerTask = 4;       // grain of the elementwise parallel loop
-constexpr int64_t kNhwcChunkElements = 16384;  // NHWC reductions: rows per partial ~ this / C
+constexpr int64_t kNhwcChunkElements = 4096;  // NHWC reductions: rows per partial ~ this / C
 constexpr int64_t kPlaneChunk = 4096;       // NCHW reductions: plane elements per partial
 
 template <typename F>

@@ -84,6 +84,23 @@ Tensor per_channel(const Tensor& t, const Tensor& x, const char* name) {
   return t.contiguous();
 }
 
+// weight or bias: any floating dtype (fp16/bf16 models), used in fp32; undefined if absent.
+Tensor optional_per_channel(const std::optional<Tensor>& t, const Tensor& x, const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "fused_resnet: ", name,
+              " must have shape (", x.size(1), ",) for an input with ", x.size(1),
+              " channels, got ", t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fused_resnet: ", name,
+              " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == x.device(), "fused_resnet: ", name, " is on ", t->device(),
+              " but input is on ", x.device());
+  return t->to(at::kFloat).contiguous();
+}
+
+const float* float_data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
 Tensor checked_mask(const Tensor& mask, const Tensor& x, bool relu) {
   if (!relu) return mask;
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 &&
@@ -149,26 +166,35 @@ GradInputs grad_inputs(const Tensor& grad, const Tensor& mask, const Tensor& x_i
 }
 
 // ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats(const Tensor& x_in,
+                                                   const std::optional<Tensor>& weight_in,
+                                                   const std::optional<Tensor>& bias_in,
+                                                   double eps) {
   check_input(x_in, "input");
   const auto fmt = kernel_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Geometry g = geometry(x, fmt);
+  const Tensor weight = optional_per_channel(weight_in, x, "weight");
+  const Tensor bias = optional_per_channel(bias_in, x, "bias");
   Tensor mean = empty_per_channel(x), var = empty_per_channel(x);
+  Tensor scale = empty_per_channel(x), shift = empty_per_channel(x);
+  const StatsOutputs out{mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(),
+                         scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()};
+  const float* w = float_data_or_null(weight);
+  const float* b = float_data_or_null(bias);
 #ifdef FR_WITH_CUDA
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
     Tensor ws = workspace(x, cuda::bn_stats_workspace_bytes(g));
-    check_launch(cuda::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, mean.mutable_data_ptr<float>(),
-                                var.mutable_data_ptr<float>(), ws.mutable_data_ptr(),
+    check_launch(cuda::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, w, b,
+                                static_cast<float>(eps), out, ws.mutable_data_ptr(),
                                 current_stream(x)),
                  "bn_stats");
-    return {mean, var};
+    return {mean, var, scale, shift};
   }
 #endif
-  cpu::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, mean.mutable_data_ptr<float>(),
-                var.mutable_data_ptr<float>());
-  return {mean, var};
+  cpu::bn_stats(kernel_dtype(x), x.const_data_ptr(), g, w, b, static_cast<float>(eps), out);
+  return {mean, var, scale, shift};
 }
 
 std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
@@ -207,32 +233,39 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
   return {out, mask};
 }
 
-std::tuple<Tensor, Tensor> bn_add_relu_grad_reduce(const Tensor& grad_in, const Tensor& mask_in,
-                                                   const Tensor& x_in, const Tensor& mean_in,
-                                                   bool relu) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_grad_reduce(
+    const Tensor& grad_in, const Tensor& mask_in, const Tensor& x_in, const Tensor& mean_in,
+    const Tensor& var_in, const std::optional<Tensor>& weight_in, double eps, bool relu,
+    bool training) {
   const GradInputs in = grad_inputs(grad_in, mask_in, x_in, mean_in, relu);
   const Tensor &x = in.x, &grad = in.grad, &mean = in.mean;
+  const Tensor var = per_channel(var_in, x, "var");
+  const Tensor weight = optional_per_channel(weight_in, x, "weight");
   const Geometry g = in.g;
-  const uint8_t* mask_ptr = in.mask_ptr;
-  Tensor sum_dz = empty_per_channel(x), sum_dz_xmu = empty_per_channel(x);
+  Tensor k = empty_per_channel(x), b = empty_per_channel(x), c = empty_per_channel(x);
+  Tensor grad_weight = empty_per_channel(x), grad_bias = empty_per_channel(x);
+  const BackwardOutputs out{k.mutable_data_ptr<float>(), b.mutable_data_ptr<float>(),
+                            c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>(),
+                            grad_bias.mutable_data_ptr<float>()};
+  const float* w = float_data_or_null(weight);
 #ifdef FR_WITH_CUDA
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
     Tensor ws = workspace(x, cuda::grad_reduce_workspace_bytes(g));
     check_launch(cuda::bn_add_relu_grad_reduce(
-                     kernel_dtype(x), grad.const_data_ptr(), mask_ptr, x.const_data_ptr(),
-                     mean.const_data_ptr<float>(), relu, g, sum_dz.mutable_data_ptr<float>(),
-                     sum_dz_xmu.mutable_data_ptr<float>(), ws.mutable_data_ptr(),
+                     kernel_dtype(x), grad.const_data_ptr(), in.mask_ptr, x.const_data_ptr(),
+                     mean.const_data_ptr<float>(), var.const_data_ptr<float>(), w,
+                     static_cast<float>(eps), relu, training, g, out, ws.mutable_data_ptr(),
                      current_stream(x)),
                  "bn_add_relu_grad_reduce");
-    return {sum_dz, sum_dz_xmu};
+    return {k, b, c, grad_weight, grad_bias};
   }
 #endif
-  cpu::bn_add_relu_grad_reduce(kernel_dtype(x), grad.const_data_ptr(), mask_ptr,
-                               x.const_data_ptr(), mean.const_data_ptr<float>(), relu, g,
-                               sum_dz.mutable_data_ptr<float>(),
-                               sum_dz_xmu.mutable_data_ptr<float>());
-  return {sum_dz, sum_dz_xmu};
+  cpu::bn_add_relu_grad_reduce(kernel_dtype(x), grad.const_data_ptr(), in.mask_ptr,
+                               x.const_data_ptr(), mean.const_data_ptr<float>(),
+                               var.const_data_ptr<float>(), w, static_cast<float>(eps), relu,
+                               training, g, out);
+  return {k, b, c, grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const Tensor& mask_in,
@@ -274,13 +307,16 @@ std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const T
 }  // namespace fused_resnet
 
 TORCH_LIBRARY_FRAGMENT(fused_resnet, m) {
-  m.def("bn_stats_cpp(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_stats_cpp(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor mean, Tensor var, Tensor scale, Tensor shift)");
   m.def(
       "bn_add_relu_apply_cpp(Tensor input, Tensor? residual, Tensor scale, Tensor shift, "
       "bool relu, bool save_mask) -> (Tensor out, Tensor mask)");
   m.def(
       "bn_add_relu_grad_reduce_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
-      "bool relu) -> (Tensor sum_dz, Tensor sum_dz_xmu)");
+      "Tensor var, Tensor? weight, float eps, bool relu, bool training) "
+      "-> (Tensor k, Tensor b, Tensor c, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "bn_add_relu_grad_apply_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
       "Tensor k, Tensor b, Tensor c, bool relu, bool residual_grad) "

@@ -124,6 +124,10 @@ def _update_running_stats(running_mean, running_var, mean, var, input, momentum,
             factor = momentum
         n = input.numel() // input.shape[1]
         unbiased_var = var * (n / (n - 1))
+        if running_mean.dtype == mean.dtype:  # fp32 buffers: one kernel each
+            running_mean.lerp_(mean, factor)
+            running_var.lerp_(unbiased_var, factor)
+            return
         acc = torch.promote_types(running_mean.dtype, mean.dtype)
         running_mean.copy_(running_mean.to(acc) * (1 - factor) + mean * factor)
         running_var.copy_(running_var.to(acc) * (1 - factor) + unbiased_var * factor)

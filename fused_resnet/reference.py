@@ -39,10 +39,37 @@ def relu_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return layout.from_memory_order(unpack_bits(mask, like.numel()), like)
 
 
-def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance, fp32."""
+def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm as a per-channel affine map y = x*scale + shift, in the statistics' dtype
+    (weight/bias None: affine=False). common/bn_add_relu_math.h has the kernels' twin."""
+    invstd = 1.0 / torch.sqrt(var + eps)
+    scale = invstd * weight.to(var.dtype) if weight is not None else invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(var.dtype)
+    return scale, shift
+
+
+def bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training):
+    """(k, b, c, grad_weight, grad_bias) per channel from sum(dz) and sum(dz*(x - mean)) over
+    `count` elements: grad_input = k*dz + b*(x - mean) + c. Training differentiates through the
+    batch statistics (b, c); eval does not (b = c = 0)."""
+    invstd = 1.0 / torch.sqrt(var + eps)
+    k = invstd * weight.to(var.dtype) if weight is not None else invstd
+    if training:
+        b = -k * invstd * invstd * sum_dz_xmu / count
+        c = -k * sum_dz / count
+    else:
+        b, c = torch.zeros_like(k), torch.zeros_like(k)
+    return k, b, c, sum_dz_xmu * invstd, sum_dz.clone()
+
+
+def bn_stats(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (fp32), and the scale/shift they give."""
     var, mean = torch.var_mean(_acc(input), dim=(0, 2, 3), correction=0)
-    return mean, var
+    return (mean, var) + bn_scale_shift(mean, var, weight, bias, eps)
 
 
 def bn_add_relu_apply(input: torch.Tensor, residual: Optional[torch.Tensor], scale: torch.Tensor,
@@ -73,12 +100,20 @@ def _masked_grad(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
     return dz
 
 
-def bn_add_relu_grad_reduce(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
-                            mean: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_add_relu_grad_sums(grad, mask, input, mean, relu) -> tuple[torch.Tensor, torch.Tensor]:
     """sum(dz) and sum(dz * (input - mean)) per channel, dz = grad through the ReLU."""
     dz = _masked_grad(grad, mask, input, relu)
     xmu = _acc(input) - _per_channel(mean)
     return dz.sum(dim=(0, 2, 3)), (dz * xmu).sum(dim=(0, 2, 3))
+
+
+def bn_add_relu_grad_reduce(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
+                            mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
+                            eps: float, relu: bool, training: bool):
+    """The per-channel coefficients of backward (bn_backward_coefficients) from the two sums."""
+    sum_dz, sum_dz_xmu = bn_add_relu_grad_sums(grad, mask, input, mean, relu)
+    count = input.numel() // input.shape[1]
+    return bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training)
 
 
 def bn_add_relu_grad_apply(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,

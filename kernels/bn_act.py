@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_resnet import layout
+from fused_resnet import layout, reference
 
 # ---------------------------------------------------------------------------------------------
 # Launch parameters. The interpreter runs each program instance in Python, so there a few big
@@ -218,7 +218,7 @@ def _reduction_plan(x: torch.Tensor):
     return g, block_m, block_c, channel_tiles, splits, rows_per_split
 
 
-def bn_stats(input: torch.Tensor):
+def bn_stats(input: torch.Tensor, weight, bias, eps):
     x = layout.dense_like(input, input)
     g, block_m, block_c, tiles, splits, rows = _reduction_plan(x)
     mean_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
@@ -231,7 +231,7 @@ def bn_stats(input: torch.Tensor):
     _stats_final_kernel[(triton.cdiv(g.channels, final_c),)](
         mean_part, m2_part, mean, var, g.channels, g.per_channel, rows, splits,
         BLOCK_P=32, BLOCK_C=final_c)
-    return mean, var
+    return (mean, var) + reference.bn_scale_shift(mean, var, weight, bias, eps)
 
 
 def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
@@ -251,7 +251,7 @@ def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     return out, mask
 
 
-def bn_add_relu_grad_reduce(grad, mask, input, mean, relu):
+def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, training):
     x = layout.dense_like(input, input)
     grad = layout.dense_like(grad, x)
     g, block_m, block_c, tiles, splits, rows = _reduction_plan(x)
@@ -261,7 +261,8 @@ def bn_add_relu_grad_reduce(grad, mask, input, mean, relu):
         grad, mask if relu else grad, x, mean.contiguous(), sum_dz_part, sum_dzxmu_part,
         g.channels, g.inner, g.per_channel, rows, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
         CHANNELS_LAST=layout.is_channels_last(x))
-    return sum_dz_part.sum(dim=0), sum_dzxmu_part.sum(dim=0)
+    return reference.bn_backward_coefficients(sum_dz_part.sum(dim=0), sum_dzxmu_part.sum(dim=0),
+                                              var, weight, eps, g.per_channel, training)
 
 
 def bn_add_relu_grad_apply(grad, mask, input, mean, k, b, c, relu, residual_grad):

@@ -28,17 +28,20 @@ def main() -> int:
                 c = shape[1]
                 f = [torch.randn(c, device="cuda") for _ in range(5)]
                 got = {
-                    "stats": ops.bn_stats_cpp(x),
+                    "stats": ops.bn_stats_cpp(x, f[3], f[4], 1e-5),
                     "apply": ops.bn_add_relu_apply_cpp(x, r, f[0], f[1], True, True),
                 }
                 mask = got["apply"][1]
-                got["grad_reduce"] = ops.bn_add_relu_grad_reduce_cpp(g, mask, x, f[2], True)
+                var = f[3].abs() + 0.5
+                got["grad_reduce"] = ops.bn_add_relu_grad_reduce_cpp(g, mask, x, f[2], var, f[4],
+                                                                     1e-5, True, True)
                 got["grad_apply"] = ops.bn_add_relu_grad_apply_cpp(g, mask, x, *f[2:], f[0], True,
                                                                    True)
                 want = {
-                    "stats": reference.bn_stats(x),
+                    "stats": reference.bn_stats(x, f[3], f[4], 1e-5),
                     "apply": reference.bn_add_relu_apply(x, r, f[0], f[1], True, True),
-                    "grad_reduce": reference.bn_add_relu_grad_reduce(g, mask, x, f[2], True),
+                    "grad_reduce": reference.bn_add_relu_grad_reduce(g, mask, x, f[2], var, f[4],
+                                                                     1e-5, True, True),
                     "grad_apply": reference.bn_add_relu_grad_apply(g, mask, x, *f[2:], f[0],
                                                                    True, True),
                 }

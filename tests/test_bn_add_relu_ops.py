@@ -23,13 +23,14 @@ def piece_inputs(shape=(2, 5, 3, 5), dtype=torch.float32, channels_last=False, r
     r = torch.randn_like(x)
     grad = torch.randn_like(x)
     scale, shift = torch.rand(c) + 0.5, torch.randn(c)
-    mean = torch.randn(c) * 0.1
+    mean, var = torch.randn(c) * 0.1, torch.rand(c) + 0.5
+    weight, bias = torch.rand(c) + 0.5, torch.randn(c)
     k, b, cc = torch.rand(c), torch.randn(c) * 0.1, torch.randn(c) * 0.1
     _, mask = reference.bn_add_relu_apply(x, r, scale, shift, relu, True)
     return {
-        "bn_stats": (x,),
+        "bn_stats": (x, weight, bias, 1e-5),
         "bn_add_relu_apply": (x, r, scale, shift, relu, save_mask),
-        "bn_add_relu_grad_reduce": (grad, mask, x, mean, relu),
+        "bn_add_relu_grad_reduce": (grad, mask, x, mean, var, weight, 1e-5, relu, True),
         "bn_add_relu_grad_apply": (grad, mask, x, mean, k, b, cc, relu, True),
     }
 
@@ -267,8 +268,11 @@ def test_one_value_per_channel_same_error_as_pytorch():
      r"scale must have shape \(4,\)"),
     (lambda: ops.bn_add_relu_apply_cpp(torch.randn(2, 4, 3, 3), None, torch.ones(4).double(),
                                        torch.zeros(4), True, True), "scale must be float32"),
-    (lambda: ops.bn_stats_cpp(torch.randn(2, 4, 3, 3).double()), "unsupported dtype"),
-    (lambda: ops.bn_stats_cpp(torch.randn(4, 3, 3)), "must be 4-D"),
+    (lambda: ops.bn_stats_cpp(torch.randn(2, 4, 3, 3).double(), None, None, 1e-5),
+     "unsupported dtype"),
+    (lambda: ops.bn_stats_cpp(torch.randn(4, 3, 3), None, None, 1e-5), "must be 4-D"),
+    (lambda: ops.bn_stats_cpp(torch.randn(2, 4, 3, 3), torch.ones(5), None, 1e-5),
+     r"weight must have shape \(4,\)"),
     (lambda: ops.bn_add_relu_grad_apply_cpp(
         torch.randn(2, 4, 3, 3), torch.zeros(3, dtype=torch.uint8), torch.randn(2, 4, 3, 3),
         *[torch.zeros(4)] * 4, True, False), "mask must be a uint8 tensor of 9 bytes"),
@@ -311,16 +315,18 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
     _, mask = reference.bn_add_relu_apply(x, None, torch.ones(5), torch.full((5,), -4.0), True,
                                           True)
     with backend.use(backend_name):
-        mean, var = ops.bn_stats(x)
-        sum_dz, sum_dz_xmu = ops.bn_add_relu_grad_reduce(grad, mask, x, mean, True)
+        mean, var, _, _ = ops.bn_stats(x, None, None, 0.0)
+        _, _, _, grad_weight, grad_bias = ops.bn_add_relu_grad_reduce(grad, mask, x, mean, var,
+                                                                      None, 0.0, True, True)
     var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-7)
     dz = grad.double() * (x.double() > 4.0)
-    torch.testing.assert_close(sum_dz.double(), dz.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sum_dz_xmu.double(),
-                               (dz * (x.double() - mean.double().view(1, -1, 1, 1)))
-                               .sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    # grad_bias = sum(dz); grad_weight = sum(dz*(x - mean)) / sqrt(var + eps), eps = 0 here
+    torch.testing.assert_close(grad_bias.double(), dz.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    sum_dz_xmu = (dz * (x.double() - mean.double().view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(grad_weight.double(), sum_dz_xmu / var64.sqrt(), rtol=1e-5,
+                               atol=1e-4)
 
 
 # ---- the same registrations on a GPU (skipped without one) --------------------------------------

@@ -4,6 +4,7 @@
 // (csrc/cuda) both call these functions, so the CPU tests exercise the formulas the GPU runs.
 // Arithmetic is fp32 whatever the storage dtype; the kernels convert on load and store.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "common/types.h"
@@ -70,6 +71,39 @@ struct MergeStates {
   FR_HD void operator()(WelfordState& a, const WelfordState& b) const { welford_combine(a, b); }
   FR_HD void operator()(GradSums& a, const GradSums& b) const { grad_sums_combine(a, b); }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel finishing math, run once per channel at the end of the reductions.
+
+// BatchNorm as an affine map y = x*scale + shift. weight/bias are 1/0 for affine=False.
+// 1/sqrt rather than a fast reciprocal square root: the same rounding on CPU and GPU.
+FR_HD void bn_scale_shift(float mean, float var, float weight, float bias, float eps,
+                          float& scale, float& shift) {
+  const float invstd = 1.f / sqrtf(var + eps);
+  scale = weight * invstd;
+  shift = bias - mean * scale;
+}
+
+// What backward needs per channel, from the two sums over the channel's `count` elements:
+// the coefficients of bn_backward_input (below) and the parameter gradients.
+struct BackwardCoefficients {
+  float k, b, c;
+  float grad_weight, grad_bias;
+};
+
+FR_HD BackwardCoefficients bn_backward_coefficients(float sum_dz, float sum_dz_xmu, float var,
+                                                    float weight, float eps, int64_t count,
+                                                    bool training) {
+  const float invstd = 1.f / sqrtf(var + eps);
+  BackwardCoefficients r;
+  r.k = weight * invstd;
+  const float inv_count = 1.f / static_cast<float>(count);
+  r.b = training ? -r.k * invstd * invstd * sum_dz_xmu * inv_count : 0.f;
+  r.c = training ? -r.k * sum_dz * inv_count : 0.f;
+  r.grad_weight = sum_dz_xmu * invstd;
+  r.grad_bias = sum_dz;
+  return r;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Packed ReLU mask: bit (i & 7) of byte (i >> 3) is 1 where the output at memory offset i is > 0.

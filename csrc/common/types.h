@@ -32,6 +32,16 @@ struct Geometry {
   FR_HD int64_t per_channel() const { return outer * inner; }  // elements that share one channel
 };
 
+// Per-channel fp32 outputs of the statistics reduction.
+struct StatsOutputs {
+  float *mean, *var, *scale, *shift;
+};
+
+// Per-channel fp32 outputs of the backward reduction: grad_input = k*dz + b*(x - mean) + c.
+struct BackwardOutputs {
+  float *k, *b, *c, *grad_weight, *grad_bias;
+};
+
 // Number of bytes of the packed ReLU mask: one bit per element, in memory order.
 FR_HD int64_t mask_bytes(int64_t numel) { return (numel + 7) / 8; }
 

@@ -292,14 +292,17 @@ std::vector<GradSums> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T
 
 }  // namespace
 
-void bn_stats(DType dtype, const void* x_, Geometry g, float* mean, float* var) {
+void bn_stats(DType dtype, const void* x_, Geometry g, const float* weight, const float* bias,
+              float eps, StatsOutputs out) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(x_);
     const auto states = g.inner == 1 ? stats_nhwc(x, g) : stats_nchw(x, g);
     for (int64_t c = 0; c < g.channels; ++c) {
-      mean[c] = welford_mean(states[c]);
-      var[c] = welford_biased_var(states[c]);
+      out.mean[c] = welford_mean(states[c]);
+      out.var[c] = welford_biased_var(states[c]);
+      bn_scale_shift(out.mean[c], out.var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f,
+                     eps, out.scale[c], out.shift[c]);
     }
   });
 }
@@ -326,8 +329,9 @@ void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const floa
 }
 
 void bn_add_relu_grad_reduce(DType dtype, const void* grad_, const uint8_t* mask, const void* x_,
-                             const float* mean, bool relu, Geometry g, float* sum_dz,
-                             float* sum_dz_xmu) {
+                             const float* mean, const float* var, const float* weight,
+                             float eps, bool relu, bool training, Geometry g,
+                             BackwardOutputs out) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* grad = static_cast<const T*>(grad_);
@@ -335,8 +339,14 @@ void bn_add_relu_grad_reduce(DType dtype, const void* grad_, const uint8_t* mask
     const auto sums = g.inner == 1 ? grad_sums_nhwc(grad, mask, x, mean, relu, g)
                                    : grad_sums_nchw(grad, mask, x, mean, relu, g);
     for (int64_t c = 0; c < g.channels; ++c) {
-      sum_dz[c] = sums[c].sum_dz;
-      sum_dz_xmu[c] = sums[c].sum_dz_xmu;
+      const BackwardCoefficients r =
+          bn_backward_coefficients(sums[c].sum_dz, sums[c].sum_dz_xmu, var[c],
+                                   weight ? weight[c] : 1.f, eps, g.per_channel(), training);
+      out.k[c] = r.k;
+      out.b[c] = r.b;
+      out.c[c] = r.c;
+      out.grad_weight[c] = r.grad_weight;
+      out.grad_bias[c] = r.grad_bias;
     }
   });
 }

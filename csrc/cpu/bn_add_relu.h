@@ -8,8 +8,10 @@
 namespace fused_resnet {
 namespace cpu {
 
-// Per-channel batch mean and biased variance (fp32).
-void bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var);
+// Per channel: batch mean and biased variance, and scale/shift of y = x*scale + shift
+// (weight/bias nullptr: affine=False).
+void bn_stats(DType dtype, const void* x, Geometry g, const float* weight, const float* bias,
+              float eps, StatsOutputs out);
 
 // out = relu(x*scale[c] + shift[c] + residual); mask gets one bit per element (nullptr: none
 // wanted, e.g. inference).
@@ -17,10 +19,12 @@ void bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var);
 void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* scale,
                        const float* shift, bool relu, Geometry g, void* out, uint8_t* mask);
 
-// sum(dz) and sum(dz * (x - mean)) per channel, dz = grad masked by the ReLU.
+// Per channel, from sum(dz) and sum(dz * (x - mean)) with dz = grad masked by the ReLU: the
+// input-gradient coefficients and the parameter gradients (bn_backward_coefficients).
 void bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask, const void* x,
-                             const float* mean, bool relu, Geometry g, float* sum_dz,
-                             float* sum_dz_xmu);
+                             const float* mean, const float* var, const float* weight,
+                             float eps, bool relu, bool training, Geometry g,
+                             BackwardOutputs out);
 
 // dx = k*dz + b*(x - mean) + c per channel; dres = dz (nullptr: not wanted).
 void bn_add_relu_grad_apply(DType dtype, const void* grad, const uint8_t* mask, const void* x,

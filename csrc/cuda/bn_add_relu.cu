@@ -148,11 +148,15 @@ struct StatsAccumulate {
 };
 
 struct StatsFinish {
-  float* mean;
-  float* var;
+  const float* weight;  // nullptr: affine=False
+  const float* bias;
+  float eps;
+  float *mean, *var, *scale, *shift;
   __device__ void operator()(int64_t c, const WelfordState& s) const {
     mean[c] = welford_mean(s);
     var[c] = welford_biased_var(s);
+    bn_scale_shift(mean[c], var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f, eps,
+                   scale[c], shift[c]);
   }
 };
 
@@ -170,11 +174,20 @@ struct GradAccumulate {
 };
 
 struct GradFinish {
-  float* sum_dz;
-  float* sum_dz_xmu;
+  const float* var;
+  const float* weight;  // nullptr: affine=False
+  float eps;
+  int64_t count;
+  bool training;
+  BackwardOutputs out;
   __device__ void operator()(int64_t c, const GradSums& s) const {
-    sum_dz[c] = s.sum_dz;
-    sum_dz_xmu[c] = s.sum_dz_xmu;
+    const BackwardCoefficients r = bn_backward_coefficients(
+        s.sum_dz, s.sum_dz_xmu, var[c], weight ? weight[c] : 1.f, eps, count, training);
+    out.k[c] = r.k;
+    out.b[c] = r.b;
+    out.c[c] = r.c;
+    out.grad_weight[c] = r.grad_weight;
+    out.grad_bias[c] = r.grad_bias;
   }
 };
 
@@ -269,12 +282,15 @@ size_t workspace_bytes(Geometry g) {
 size_t bn_stats_workspace_bytes(Geometry g) { return workspace_bytes<WelfordState>(g); }
 size_t grad_reduce_workspace_bytes(Geometry g) { return workspace_bytes<GradSums>(g); }
 
-cudaError_t bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var,
-                     void* workspace, cudaStream_t stream) {
+cudaError_t bn_stats(DType dtype, const void* x, Geometry g, const float* weight,
+                     const float* bias, float eps, StatsOutputs out, void* workspace,
+                     cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return reduce_per_channel(g, StatsAccumulate<T>{static_cast<const T*>(x)}, welford_empty(),
-                              StatsFinish{mean, var}, workspace, stream);
+    return reduce_per_channel(
+        g, StatsAccumulate<T>{static_cast<const T*>(x)}, welford_empty(),
+        StatsFinish{weight, bias, eps, out.mean, out.var, out.scale, out.shift}, workspace,
+        stream);
   });
 }
 
@@ -294,15 +310,17 @@ cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
 }
 
 cudaError_t bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask,
-                                    const void* x, const float* mean, bool relu, Geometry g,
-                                    float* sum_dz, float* sum_dz_xmu, void* workspace,
+                                    const void* x, const float* mean, const float* var,
+                                    const float* weight, float eps, bool relu, bool training,
+                                    Geometry g, BackwardOutputs out, void* workspace,
                                     cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     GradAccumulate<T> acc{static_cast<const T*>(grad), mask, static_cast<const T*>(x), mean,
                           relu};
-    return reduce_per_channel(g, acc, grad_sums_empty(), GradFinish{sum_dz, sum_dz_xmu},
-                              workspace, stream);
+    return reduce_per_channel(
+        g, acc, grad_sums_empty(),
+        GradFinish{var, weight, eps, g.per_channel(), training, out}, workspace, stream);
   });
 }
 

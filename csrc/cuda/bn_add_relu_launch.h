@@ -16,16 +16,22 @@ namespace cuda {
 size_t bn_stats_workspace_bytes(Geometry g);
 size_t grad_reduce_workspace_bytes(Geometry g);
 
-cudaError_t bn_stats(DType dtype, const void* x, Geometry g, float* mean, float* var,
-                     void* workspace, cudaStream_t stream);
+// Per channel: batch mean and biased variance, and scale/shift of y = x*scale + shift
+// (weight/bias nullptr: affine=False).
+cudaError_t bn_stats(DType dtype, const void* x, Geometry g, const float* weight,
+                     const float* bias, float eps, StatsOutputs out, void* workspace,
+                     cudaStream_t stream);
 
 cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
                               const float* scale, const float* shift, bool relu, Geometry g,
                               void* out, uint8_t* mask, cudaStream_t stream);
 
+// Per channel: the coefficients of the input gradient and the parameter gradients
+// (common/bn_add_relu_math.h: bn_backward_coefficients).
 cudaError_t bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask,
-                                    const void* x, const float* mean, bool relu, Geometry g,
-                                    float* sum_dz, float* sum_dz_xmu, void* workspace,
+                                    const void* x, const float* mean, const float* var,
+                                    const float* weight, float eps, bool relu, bool training,
+                                    Geometry g, BackwardOutputs out, void* workspace,
                                     cudaStream_t stream);
 
 cudaError_t bn_add_relu_grad_apply(DType dtype, const void* grad, const uint8_t* mask,

@@ -8,10 +8,14 @@ Op structure (all under torch.ops.fused_resnet, each with a fake implementation)
 
 built from four kernel-level pieces, each dispatched to a backend (fused_resnet.backend):
 
-    bn_stats                   per-channel batch mean and biased variance (fp32)
+    bn_stats                   per channel: batch mean, biased variance (fp32), scale, shift
     bn_add_relu_apply          out = relu(input*scale + shift + residual), packed ReLU mask
-    bn_add_relu_grad_reduce    sum(dz), sum(dz*(input - mean)) per channel
+    bn_add_relu_grad_reduce    per channel from sum(dz), sum(dz*(input - mean)): the
+                               coefficients k, b, c and grad_weight, grad_bias
     bn_add_relu_grad_apply     grad_input = k*dz + b*(input - mean) + c, grad_residual = dz
+
+The per-channel finishing math runs inside the reductions' last step (one launch each way
+instead of a dozen tiny ones).
 
 and their per-backend ops <piece>_cpp (csrc/ops.cpp) and <piece>_triton (kernels/bn_act.py).
 Backward reads input, grad and the 1-bit mask twice (reduce, then apply) and writes grad_input
@@ -40,16 +44,20 @@ def _run(piece: str, input: Tensor, *args):
 
 
 # ---- fake implementations: shapes, dtypes and strides only ----------------------------------
-def _fake_stats(input):
-    return layout.empty_per_channel(input), layout.empty_per_channel(input)
+def _per_channel(input, count):
+    return tuple(layout.empty_per_channel(input) for _ in range(count))
+
+
+def _fake_stats(input, weight, bias, eps):
+    return _per_channel(input, 4)
 
 
 def _fake_apply(input, residual, scale, shift, relu, save_mask):
     return layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask)
 
 
-def _fake_grad_reduce(grad, mask, input, mean, relu):
-    return layout.empty_per_channel(input), layout.empty_per_channel(input)
+def _fake_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, training):
+    return _per_channel(input, 5)
 
 
 def _fake_grad_apply(grad, mask, input, mean, k, b, c, relu, residual_grad):
@@ -62,8 +70,9 @@ _FAKES = dict(zip(PIECES, (_fake_stats, _fake_apply, _fake_grad_reduce, _fake_gr
 
 # ---- kernel-level pieces, dispatched to a backend -------------------------------------------
 @torch.library.custom_op("fused_resnet::bn_stats", mutates_args=())
-def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    return _run("bn_stats", input, input)
+def bn_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run("bn_stats", input, input, weight, bias, eps)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_apply", mutates_args=())
@@ -73,9 +82,11 @@ def bn_add_relu_apply(input: Tensor, residual: Optional[Tensor], scale: Tensor, 
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce", mutates_args=())
-def bn_add_relu_grad_reduce(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
-                            relu: bool) -> tuple[Tensor, Tensor]:
-    return _run("bn_add_relu_grad_reduce", input, grad, mask, input, mean, relu)
+def bn_add_relu_grad_reduce(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor, var: Tensor,
+                            weight: Optional[Tensor], eps: float, relu: bool,
+                            training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _run("bn_add_relu_grad_reduce", input, grad, mask, input, mean, var, weight, eps,
+                relu, training)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_apply", mutates_args=())
@@ -97,8 +108,9 @@ def _triton_kernels():
 
 
 @torch.library.custom_op("fused_resnet::bn_stats_triton", mutates_args=())
-def bn_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
-    return _triton_kernels().bn_stats(input)
+def bn_stats_triton(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_kernels().bn_stats(input, weight, bias, eps)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
@@ -109,8 +121,11 @@ def bn_add_relu_apply_triton(input: Tensor, residual: Optional[Tensor], scale: T
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
 def bn_add_relu_grad_reduce_triton(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
-                                   relu: bool) -> tuple[Tensor, Tensor]:
-    return _triton_kernels().bn_add_relu_grad_reduce(grad, mask, input, mean, relu)
+                                   var: Tensor, weight: Optional[Tensor], eps: float, relu: bool,
+                                   training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor]:
+    return _triton_kernels().bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps,
+                                                     relu, training)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_apply_triton", mutates_args=())
@@ -133,18 +148,6 @@ _register_fakes()
 
 
 # ---- the differentiable op ------------------------------------------------------------------
-def _scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm as a per-channel affine map, in the statistics' dtype (fp32; fp64 for fp64
-    input): y = x*scale + shift."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * weight.to(var.dtype) if weight is not None else invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(var.dtype)
-    return invstd, scale, shift
-
-
 @torch.library.custom_op("fused_resnet::bn_add_relu", mutates_args=())
 def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -157,12 +160,12 @@ def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     # The pieces run through _run directly, not through their custom ops: one Python dispatch
     # layer less per piece (this op is already opaque to autograd and torch.compile).
     if training:
-        mean, var = _run("bn_stats", input, input)
+        mean, var, scale, shift = _run("bn_stats", input, input, weight, bias, eps)
     else:
         acc = layout.accumulate_dtype(input)
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-    _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
+        scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
     out, mask = _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask)
     return out, mask, mean, var
 
@@ -180,21 +183,15 @@ def bn_add_relu_backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Te
                          param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of bn_add_relu. grad_residual is empty unless residual_grad; grad_weight and
     grad_bias (fp32) are empty unless param_grads."""
-    invstd, k, _ = _scale_shift(mean, var, weight, None, eps)
     if training or param_grads:
-        sum_dz, sum_dz_xmu = _run("bn_add_relu_grad_reduce", input, grad_out, mask, input, mean,
-                                  relu)
-    if training:
-        per_channel = input.numel() // input.shape[1]
-        b = -k * invstd * invstd * sum_dz_xmu / per_channel
-        c = -k * sum_dz / per_channel
-    else:
-        b = c = torch.zeros_like(k)
+        k, b, c, grad_weight, grad_bias = _run("bn_add_relu_grad_reduce", input, grad_out, mask,
+                                               input, mean, var, weight, eps, relu, training)
+    else:  # eval with frozen parameters: no reduction at all
+        k, _ = reference.bn_scale_shift(mean, var, weight, None, eps)
+        b, c = torch.zeros_like(k), torch.zeros_like(k)
     grad_input, grad_residual = _run("bn_add_relu_grad_apply", input, grad_out, mask, input,
                                      mean, k, b, c, relu, residual_grad)
-    if param_grads:
-        grad_weight, grad_bias = sum_dz_xmu * invstd, sum_dz
-    else:
+    if not param_grads:
         grad_weight, grad_bias = mean.new_empty(0), mean.new_empty(0)
     return grad_input, grad_residual, grad_weight, grad_bias
 

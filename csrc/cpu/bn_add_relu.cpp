@@ -26,7 +26,11 @@ namespace {
 // whatever the number of threads.
 constexpr int64_t kChunk = 4096;            // elements per elementwise chunk (multiple of 8)
 constexpr int64_t kChunksPerTask = 4;       // grain of the elementwise parallel loop
-constexpr int64_t kNhwcChunkElements = 4096;  // NHWC reductions: rows per partial ~ this / C
+// NHWC reductions: rows per partial result ~ this / C. Statistics merge partials with Chan's
+// formula (a division each), so they take big chunks; gradient sums are plain fp32 sums whose
+// rounding grows with the rows summed in one chunk, so they take small ones.
+constexpr int64_t kNhwcStatsChunkElements = 32768;
+constexpr int64_t kNhwcSumsChunkElements = 4096;
 constexpr int64_t kPlaneChunk = 4096;       // NCHW reductions: plane elements per partial
 
 template <typename F>
@@ -205,16 +209,15 @@ std::vector<WelfordState> stats_nchw(const T* x, Geometry g) {
   return result;
 }
 
-int64_t nhwc_rows_per_chunk(Geometry g) {
-  return std::max<int64_t>(1, kNhwcChunkElements / g.channels);
-}
+
 
 // NHWC: partial results over chunks of rows (pixels), all channels of a row at once
 // (independent per-channel accumulators: vectorised across channels), merged in chunk order.
 template <typename State, typename ChunkFn>
-std::vector<State> reduce_nhwc(Geometry g, State empty, ChunkFn chunk_fn) {
+std::vector<State> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
+                               ChunkFn chunk_fn) {
   const int64_t C = g.channels;
-  const int64_t rows = nhwc_rows_per_chunk(g);
+  const int64_t rows = std::max<int64_t>(1, chunk_elements / C);
   const int64_t chunks = (g.outer + rows - 1) / rows;
   std::vector<State> partial(chunks * C, empty);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -232,7 +235,8 @@ std::vector<State> reduce_nhwc(Geometry g, State empty, ChunkFn chunk_fn) {
 template <typename T>
 std::vector<WelfordState> stats_nhwc(const T* x, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc(g, welford_empty(), [&](int64_t r0, int64_t r1, WelfordState* out) {
+  return reduce_nhwc(g, kNhwcStatsChunkElements, welford_empty(),
+                     [&](int64_t r0, int64_t r1, WelfordState* out) {
     std::vector<float> sum(C, 0.f), m2(C, 0.f);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]);
@@ -272,7 +276,8 @@ template <typename T>
 std::vector<GradSums> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T* x,
                                      const float* mean, bool relu, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc(g, grad_sums_empty(), [&](int64_t r0, int64_t r1, GradSums* out) {
+  return reduce_nhwc(g, kNhwcSumsChunkElements, grad_sums_empty(),
+                     [&](int64_t r0, int64_t r1, GradSums* out) {
     std::vector<float> sdz(C, 0.f), sdzx(C, 0.f);
     const int64_t first = r0 * C, aligned = first / 8 * 8, lead = first - aligned;
     // Without a ReLU every flag passes (relu_backward ignores them): zeros are fine.

@@ -23,21 +23,26 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _ast_source(fn, signature, constexprs):
+def _ast_source(fn, signature, constexprs, divisible_by_16):
     from triton.compiler import ASTSource
 
+    # What Triton's JIT infers at launch for 16-byte-aligned pointers and sizes divisible by
+    # 16 (the common case): without it the compiler cannot vectorise loads.
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     try:  # triton >= 3.4 keys constexprs by name
-        return ASTSource(fn, signature, constexprs=constexprs)
+        return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     except Exception:  # older releases key them by (argument index,)
         by_index = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        return ASTSource(fn, signature, constexprs=by_index)
+        return ASTSource(fn, signature, constexprs=by_index, attrs=attrs)
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> dict:
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4,
+                 divisible_by_16=()) -> dict:
+    """divisible_by_16: argument names (pointers, sizes) to compile as multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = _ast_source(fn, signature, constexprs)
+    src = _ast_source(fn, signature, constexprs, divisible_by_16)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -104,13 +109,51 @@ def bn_act_variants():
            {"BLOCK_P": 32, "BLOCK_C": 64})
 
 
+def conv_variants():
+    """The implicit-GEMM conv for the ResNet conv kinds (1x1, 3x3, the 7x7 C_in=3 stem, the
+    fused projection shortcut, the statistics epilogue), with its GPU launch configuration."""
+    import torch
+
+    from fused_resnet.kernels import conv
+
+    block_m, block_n, block_k, num_warps = conv.launch_config(torch.empty(0, device="meta"))
+    fn = conv._conv_kernel
+    sizes = ("N", "H", "W", "C_in", "OH", "OW", "C_out", "H2", "W2", "C2", "stride", "pad",
+             "stride2")
+    kinds = {  # name: (KH, KW, C_in divisible by 16, shortcut, stats)
+        "conv1x1_bn_relu": (1, 1, True, False, False),
+        "conv3x3_bn_add_relu": (3, 3, True, False, False),
+        "conv3x3_stats": (3, 3, True, False, True),
+        "stem7x7_cin3": (7, 7, False, False, False),
+        "conv1x1_plus_shortcut": (1, 1, True, True, False),
+    }
+    for t in ("fp16", "bf16"):
+        pointers = {name: f"*{t}" for name in ("x_ptr", "w_ptr", "x2_ptr", "w2_ptr", "out_ptr",
+                                               "res_ptr")}
+        pointers.update({name: "*fp32" for name in ("scale_ptr", "bias_ptr", "tile_mean_ptr",
+                                                    "tile_m2_ptr")})
+        signature = {a: pointers.get(a, "i32" if a in sizes else "constexpr")
+                     for a in fn.arg_names}
+        for name, (kh, kw, aligned, shortcut, stats) in kinds.items():
+            divisible = [a for a in fn.arg_names if a.endswith("_ptr")] + ["C_out", "C2"]
+            if aligned:
+                divisible.append("C_in")
+            constexprs = dict(KH=kh, KW=kw, HAS_SHORTCUT=shortcut, HAS_SCALE=not stats,
+                              HAS_BIAS=not stats, HAS_RESIDUAL=kh == 3 and not stats,
+                              RELU=not stats, STATS=stats, DOT_PRECISION="tf32",
+                              TAP_PER_CHUNK=aligned, BLOCK_M=block_m, BLOCK_N=block_n,
+                              BLOCK_K=block_k)
+            yield name, t, fn, signature, constexprs, num_warps, divisible
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET to compile for the GPU", file=sys.stderr)
         return 2
-    for name, dtype, fn, signature, constexprs in bn_act_variants():
+    variants = [v + (4, ()) for v in bn_act_variants()] + list(conv_variants())
+    for name, dtype, fn, signature, constexprs, num_warps, divisible in variants:
         try:
-            result = compile_sm90(fn, signature, constexprs)
+            result = compile_sm90(fn, signature, constexprs, num_warps, divisible)
             result.update(kernel=name, dtype=dtype, ok=True)
         except Exception as exc:  # report every variant, not only the first failure
             result = {"kernel": name, "dtype": dtype, "ok": False, "error": repr(exc)[:2000]}

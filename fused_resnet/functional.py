@@ -15,7 +15,9 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
                         running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, training: bool = False,
                         momentum: Optional[float] = 0.1, eps: float = 1e-5, relu: bool = True,
-                        num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                        num_batches_tracked: Optional[Tensor] = None, *,
+                        batch_mean: Optional[Tensor] = None,
+                        batch_var: Optional[Tensor] = None) -> Tensor:
     """relu(F.batch_norm(input, ...) + residual) in one fused pass (forward and backward).
 
     Same semantics as F.batch_norm followed by the add and the ReLU: training normalises with
@@ -26,14 +28,18 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
 
     num_batches_tracked: nn.BatchNorm2d's counter; incremented in training when given.
     momentum=None means a cumulative moving average, 1/num_batches_tracked, as nn.BatchNorm2d.
+    batch_mean, batch_var: the batch mean and biased variance of `input` if already computed
+    (conv2d_bn_stats computes them in the conv's epilogue); training only. Gradients still
+    flow through the batch statistics, as in F.batch_norm.
     """
     _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
                      momentum, num_batches_tracked)
+    _check_batch_stats(input, batch_mean, batch_var, training)
     input, residual = _autocast_common_dtype(input, residual)
     out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
         input, residual, weight, bias,
         None if training else running_mean, None if training else running_var,
-        training, eps, relu, _needs_grad(input, residual, weight, bias))
+        training, eps, relu, _needs_grad(input, residual, weight, bias), batch_mean, batch_var)
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, input, momentum,
                               num_batches_tracked)
@@ -84,6 +90,20 @@ def _check_arguments(input, residual, running_mean, running_var, weight, bias, t
         if momentum is None and running_mean is not None and num_batches_tracked is None:
             raise ValueError("batch_norm_add_relu: momentum=None (cumulative average) needs "
                              "num_batches_tracked")
+
+
+def _check_batch_stats(input, batch_mean, batch_var, training):
+    if batch_mean is None and batch_var is None:
+        return
+    if batch_mean is None or batch_var is None:
+        raise ValueError("batch_norm_add_relu: batch_mean and batch_var must be given together")
+    if not training:
+        raise ValueError("batch_norm_add_relu: batch_mean/batch_var are batch statistics; "
+                         "eval mode uses the running statistics")
+    for name, t in (("batch_mean", batch_mean), ("batch_var", batch_var)):
+        if t.shape != (input.shape[1],) or t.device != input.device:
+            raise ValueError(f"batch_norm_add_relu: {name} must have shape ({input.shape[1]},) "
+                             f"on {input.device}, got {tuple(t.shape)} on {t.device}")
 
 
 def _needs_grad(*tensors) -> bool:

@@ -152,14 +152,22 @@ _register_fakes()
 def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, eps: float, relu: bool,
-                save_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                save_mask: bool, batch_mean: Optional[Tensor] = None,
+                batch_var: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """relu(batch_norm(input) + residual). Returns (out, mask, mean, var): the batch mean and
     biased variance when training (the caller updates running stats), else fp32 copies of the
     running stats. Running stats are read, never written, here. The ReLU mask is written only
-    if save_mask (backward needs it, inference does not)."""
+    if save_mask (backward needs it, inference does not). batch_mean/batch_var: the batch
+    statistics of `input` when already computed (a conv epilogue, conv2d_bn_stats); training
+    only. Backward differentiates through them either way."""
     # The pieces run through _run directly, not through their custom ops: one Python dispatch
     # layer less per piece (this op is already opaque to autograd and torch.compile).
-    if training:
+    if training and batch_mean is not None:
+        acc = layout.accumulate_dtype(input)
+        mean = batch_mean.to(acc, copy=True)
+        var = batch_var.to(acc, copy=True)
+        scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
+    elif training:
         mean, var, scale, shift = _run("bn_stats", input, input, weight, bias, eps)
     else:
         acc = layout.accumulate_dtype(input)
@@ -171,7 +179,8 @@ def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tens
 
 
 @bn_add_relu.register_fake
-def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu, save_mask):
+def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu, save_mask,
+      batch_mean=None, batch_var=None):
     return (layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask),
             layout.empty_per_channel(input), layout.empty_per_channel(input))
 
@@ -204,7 +213,7 @@ def _(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_gr
 
 
 def _setup_context(ctx, inputs, output):
-    input, residual, weight, bias, _, _, training, eps, relu, save_mask = inputs
+    input, residual, weight, bias, _, _, training, eps, relu, save_mask, _, _ = inputs
     _, mask, mean, var = output
     if relu and not save_mask and any(ctx.needs_input_grad[:4]):
         raise RuntimeError("fused_resnet::bn_add_relu: called with save_mask=False on inputs "
@@ -228,7 +237,7 @@ def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
         grad_residual if ctx.has_residual and need_residual else None,
         grad_weight.to(ctx.weight_dtype) if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 

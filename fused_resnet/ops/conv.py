@@ -1,0 +1,198 @@
+"""Custom ops of the fused convolution (groundwork of the fused-convolution issue):
+
+    conv2d_epilogue(input, weight, stride, padding, dilation, groups, scale?, bias?, residual?,
+                    relu) -> out
+        relu(conv2d(input, weight) * scale + bias + residual), scale/bias per output channel
+        (eval-mode BN folded, fused_resnet.fold), each part optional. Inference.
+    conv2d_dual_epilogue(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                         shortcut_stride, bias?, relu) -> out
+        relu(conv2d(input, weight) + conv1x1(shortcut_input, shortcut_weight, stride) + bias):
+        a bottleneck's last 1x1 and its projection shortcut W_s a[l] (scales folded into both
+        weights) as one GEMM. Inference.
+    conv2d_bn_stats(input, weight, stride, padding, dilation, groups) -> (z, mean, var)
+        the raw conv output and its per-channel batch mean / biased variance (fp32), computed in
+        the conv's epilogue on the Triton path: training-mode BN without a second read of z.
+        Differentiable w.r.t. input and weight (conv backward by aten.convolution_backward);
+        the statistics are consumed by bn_add_relu's batch_mean/batch_var, whose backward
+        already differentiates through them.
+
+Each runs either the Triton implicit-GEMM kernel (kernels/conv.py) or the library conv
+(cuDNN / mkldnn) followed by the fused epilogue pieces of bn_add_relu ("library" path). Which
+one: see conv_path. Output layout follows the input's (channels_last in, channels_last out).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fused_resnet import backend, layout
+from fused_resnet.ops.bn_add_relu import _run
+
+_choices: dict = {}  # measured per-shape choice on CUDA: key -> "triton" | "library"
+
+
+def _conv_kernels():
+    from fused_resnet.kernels import conv  # imports triton: only when that path runs
+    return conv
+
+
+def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Optional[str]:
+    """Why the Triton conv cannot run this configuration (None if it can)."""
+    if groups != 1:
+        return "grouped convolution"
+    if list(dilation) != [1, 1]:
+        return "dilation"
+    if stride[0] != stride[1] or padding[0] != padding[1]:
+        return "non-square stride or padding"
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {input.dtype}"
+    if weight.dtype != input.dtype:
+        return "weight dtype differs from input dtype"
+    return None
+
+
+def conv_path(input, weight, stride, padding, dilation, groups) -> str:
+    """"triton" (fused implicit-GEMM conv) or "library" (library conv + fused epilogue).
+
+    Forced backends: triton -> the Triton conv wherever it supports the configuration (its
+    epilogue kernels otherwise); cpp / torch -> library conv + that backend's epilogue.
+    auto: CPU -> library conv (mkldnn) + the C++ epilogue, deterministic; CUDA -> whichever of
+    the two was faster for this shape, measured once and cached (like cudnn.benchmark).
+    """
+    name = backend.choose(input.device, input.dtype)
+    unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
+    if backend.requested() == "triton":
+        return "triton" if unsupported is None else "library"
+    if input.device.type != "cuda" or unsupported is not None or name == "torch" \
+            or backend.why_not("triton", "cuda") is not None:
+        return "library"
+    key = (input.device.index, input.dtype, tuple(input.shape), layout.is_channels_last(input),
+           tuple(weight.shape), tuple(stride), tuple(padding))
+    return _choices.get(key, "library")
+
+
+def record_choice(key, choice: str) -> None:
+    """Store a measured per-shape choice (used by the benchmark-driven tuner on a GPU)."""
+    _choices[key] = choice
+
+
+def _output_like(out: Tensor, input: Tensor) -> Tensor:
+    return out.contiguous(memory_format=layout.kernel_format(input))
+
+
+def _affine(out_channels, scale, bias, like):
+    ones = torch.ones(out_channels, dtype=torch.float32, device=like.device)
+    zeros = torch.zeros(out_channels, dtype=torch.float32, device=like.device)
+    return (scale.float() if scale is not None else ones,
+            bias.float() if bias is not None else zeros)
+
+
+def _conv_out_shape(input, weight, stride, padding, dilation):
+    n, _, h, w = input.shape
+    c_out, _, kh, kw = weight.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return n, c_out, oh, ow
+
+
+def _empty_conv_out(input, weight, stride, padding, dilation):
+    return torch.empty(_conv_out_shape(input, weight, stride, padding, dilation),
+                       dtype=input.dtype, device=input.device,
+                       memory_format=layout.kernel_format(input))
+
+
+def _allow_tf32() -> bool:
+    return torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+# ---- conv2d_epilogue ----------------------------------------------------------------------------
+@torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
+def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, scale: Optional[Tensor],
+                    bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+    if conv_path(input, weight, stride, padding, dilation, groups) == "triton":
+        conv = _conv_kernels()
+        scale_f, bias_f = _affine(weight.shape[0], scale, bias, input)
+        out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
+                                  scale=scale_f, bias=bias_f, residual=residual, relu=relu,
+                                  allow_tf32=_allow_tf32())
+        return _output_like(out, input)
+    z = _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
+    scale_f, bias_f = _affine(weight.shape[0], scale, bias, z)
+    out, _ = _run("bn_add_relu_apply", z, z, residual, scale_f, bias_f, relu, False)
+    return out
+
+
+@conv2d_epilogue.register_fake
+def _(input, weight, stride, padding, dilation, groups, scale, bias, residual, relu):
+    return _empty_conv_out(input, weight, stride, padding, dilation)
+
+
+# ---- conv2d_dual_epilogue -------------------------------------------------------------------------
+@torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
+def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                         shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
+                         bias: Optional[Tensor], relu: bool) -> Tensor:
+    path = conv_path(input, weight, stride, padding, [1, 1], 1)
+    if path == "triton" and shortcut_weight.shape[2:] == (1, 1) \
+            and shortcut_input.dtype == input.dtype:
+        conv = _conv_kernels()
+        scale_f, bias_f = _affine(weight.shape[0], None, bias, input)
+        out, _ = conv.conv2d_nhwc(
+            input, conv.pack_weight(weight), stride[0], padding[0], bias=bias_f, relu=relu,
+            shortcut=(shortcut_input, conv.pack_weight(shortcut_weight), shortcut_stride),
+            allow_tf32=_allow_tf32())
+        return _output_like(out, input)
+    z = _output_like(F.conv2d(input, weight, None, stride, padding), input)
+    shortcut = _output_like(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride), z)
+    scale_f, bias_f = _affine(weight.shape[0], None, bias, z)
+    out, _ = _run("bn_add_relu_apply", z, z, shortcut, scale_f, bias_f, relu, False)
+    return out
+
+
+@conv2d_dual_epilogue.register_fake
+def _(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride, bias,
+      relu):
+    return _empty_conv_out(input, weight, stride, padding, [1, 1])
+
+
+# ---- conv2d_bn_stats ------------------------------------------------------------------------------
+@torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
+def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    if conv_path(input, weight, stride, padding, dilation, groups) == "triton":
+        conv = _conv_kernels()
+        z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0],
+                                          padding[0], stats=True, allow_tf32=_allow_tf32())
+        return _output_like(z, input), mean, var
+    z = _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
+    mean, var, _, _ = _run("bn_stats", z, z, None, None, 0.0)
+    return z, mean, var
+
+
+@conv2d_bn_stats.register_fake
+def _(input, weight, stride, padding, dilation, groups):
+    z = _empty_conv_out(input, weight, stride, padding, dilation)
+    return z, layout.empty_per_channel(z), layout.empty_per_channel(z)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    input, weight, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [need_input, need_weight, False])
+    return grad_input, grad_weight, None, None, None, None
+
+
+conv2d_bn_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)

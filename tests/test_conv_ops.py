@@ -1,0 +1,217 @@
+"""The fused convolution ops (fused_resnet/ops/conv.py) on every backend usable here: results vs
+F.conv2d + the epilogue in float64 and in the same dtype, BN folding, the training chain
+conv2d_bn_stats -> batch_norm_add_relu vs conv -> BN -> add -> ReLU (values, gradients, running
+statistics), opcheck and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_resnet as fr
+from conftest import cpu_backend_params
+from fused_resnet import backend, fold
+from fused_resnet.ops import conv as conv_ops
+from fused_resnet.verify import compare
+
+ops = torch.ops.fused_resnet
+
+# (N, C_in, C_out, kernel, stride, padding, H=W, dilation, groups)
+CONVS = [(2, 16, 24, 1, 1, 0, 7, 1, 1), (2, 32, 20, 1, 2, 0, 8, 1, 1),
+         (1, 16, 40, 3, 1, 1, 7, 1, 1), (2, 8, 20, 3, 2, 1, 9, 1, 1),
+         (2, 3, 16, 7, 2, 3, 13, 1, 1),
+         (2, 16, 16, 3, 1, 2, 7, 2, 1),   # dilation: library path
+         (2, 16, 32, 3, 1, 1, 6, 1, 4)]   # grouped (ResNeXt): library path
+
+
+def _ids(c):
+    return f"n{c[0]}-{c[1]}to{c[2]}-k{c[3]}s{c[4]}p{c[5]}-hw{c[6]}-d{c[7]}g{c[8]}"
+
+
+def _args(cfg, dtype, channels_last=True):
+    n, cin, cout, k, s, p, hw, d, g = cfg
+    x = torch.randn(n, cin, hw, hw).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin // g, k, k) / (cin * k * k / g) ** 0.5).to(dtype)
+    return x, w, [s, s], [p, p], [d, d], g
+
+
+def _epilogue(z, scale, bias, residual, relu):
+    y = z * scale.view(1, -1, 1, 1).to(z.dtype) + bias.view(1, -1, 1, 1).to(z.dtype)
+    if residual is not None:
+        y = y + residual.to(z.dtype)
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("cfg", CONVS, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_conv2d_epilogue(backend_name, cfg, dtype, channels_last):
+    x, w, stride, padding, dilation, groups = _args(cfg, dtype, channels_last)
+    cout = w.shape[0]
+    scale, bias = torch.rand(cout) + 0.5, torch.randn(cout)
+    ref_shape = F.conv2d(x.float(), w.float(), None, stride, padding, dilation, groups).shape
+    residual = torch.randn(ref_shape).to(dtype)
+    with backend.use(backend_name):
+        out = ops.conv2d_epilogue(x, w, stride, padding, dilation, groups, scale, bias, residual,
+                                  True)
+    assert out.shape == ref_shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                             else torch.contiguous_format)
+
+    def reference(dt):
+        z = F.conv2d(x.to(dt), w.to(dt), None, stride, padding, dilation, groups)
+        return _epilogue(z, scale, bias, residual.to(dt), True)
+
+    c = compare("conv2d_epilogue", out, reference(torch.float64),
+                reference(torch.float32).to(dtype))
+    assert c.ok, c
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("shortcut_stride", [1, 2])
+def test_conv2d_dual_epilogue(backend_name, shortcut_stride):
+    """Bottleneck end with projection shortcut: relu(bn3(conv3(y)) + bn_d(conv_d(x))), both BNs
+    folded, vs the unfused PyTorch modules in eval mode."""
+    n, c_mid, c_in, c_out, hw = 2, 16, 32, 48, 8
+    conv3 = torch.nn.Conv2d(c_mid, c_out, 1, bias=False)
+    conv_d = torch.nn.Conv2d(c_in, c_out, 1, stride=shortcut_stride, bias=False)
+    bn3, bn_d = torch.nn.BatchNorm2d(c_out), torch.nn.BatchNorm2d(c_out)
+    for bn in (bn3, bn_d):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 1.5)
+        bn.eval()
+    y = torch.randn(n, c_mid, hw // shortcut_stride, hw // shortcut_stride).contiguous(
+        memory_format=torch.channels_last)
+    x = torch.randn(n, c_in, hw, hw).contiguous(memory_format=torch.channels_last)
+    w3, b3 = fold.fold_conv_bn(conv3.weight, None, *fold.bn_eval_scale_shift(bn3))
+    wd, bd = fold.fold_conv_bn(conv_d.weight, None, *fold.bn_eval_scale_shift(bn_d))
+    with backend.use(backend_name), torch.no_grad():
+        out = ops.conv2d_dual_epilogue(y, w3, [1, 1], [0, 0], x, wd, shortcut_stride, b3 + bd,
+                                       True)
+        ref = torch.relu(bn3(conv3(y)) + bn_d(conv_d(x)))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("cfg", CONVS[:5], ids=_ids)
+def test_folded_conv_bn_relu_matches_eval_modules(backend_name, cfg):
+    x, w, stride, padding, dilation, groups = _args(cfg, torch.float32)
+    conv = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], stride[0], padding[0],
+                           bias=False)
+    conv.weight.data.copy_(w)
+    bn = torch.nn.BatchNorm2d(w.shape[0]).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 1.5)
+    folded, shift = fold.fold_conv_bn(conv.weight, None, *fold.bn_eval_scale_shift(bn))
+    with backend.use(backend_name), torch.no_grad():
+        out = ops.conv2d_epilogue(x, folded, stride, padding, dilation, groups, None, shift,
+                                  None, True)
+        ref = torch.relu(bn(conv(x)))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("cfg", CONVS, ids=_ids)
+def test_training_chain_matches_pytorch(backend_name, cfg):
+    """conv2d_bn_stats (statistics in the conv epilogue) -> batch_norm_add_relu with those
+    statistics, forward and backward and running stats, vs conv -> BN -> add -> ReLU."""
+    x, w, stride, padding, dilation, groups = _args(cfg, torch.float32)
+    cout = w.shape[0]
+    bn = torch.nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    bn_ref = copy.deepcopy(bn)
+    z_shape = F.conv2d(x, w, None, stride, padding, dilation, groups).shape
+    residual = torch.randn(z_shape)
+    grad_out = torch.randn(z_shape)
+
+    def fused(x, w, r):
+        z, mean, var = ops.conv2d_bn_stats(x, w, stride, padding, dilation, groups)
+        return fr.functional.batch_norm_add_relu(
+            z, r, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True,
+            num_batches_tracked=bn.num_batches_tracked, batch_mean=mean, batch_var=var)
+
+    def reference(x, w, r):
+        return torch.relu(bn_ref(F.conv2d(x, w, None, stride, padding, dilation, groups)) + r)
+
+    results = []
+    for fn, module in ((fused, bn), (reference, bn_ref)):
+        xs, ws, rs = (t.detach().clone().requires_grad_() for t in (x, w, residual))
+        with backend.use(backend_name):
+            out = fn(xs, ws, rs)
+        grads = torch.autograd.grad(out, [xs, ws, rs, module.weight, module.bias], grad_out)
+        results.append((out, grads))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+def test_opcheck_conv_ops(backend_name):
+    x, w, stride, padding, dilation, groups = _args(CONVS[2], torch.float32)
+    scale, bias = torch.rand(w.shape[0]) + 0.5, torch.randn(w.shape[0])
+    residual = torch.randn(1, 40, 7, 7).contiguous(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    with backend.use(backend_name):
+        torch.library.opcheck(ops.conv2d_epilogue.default,
+                              (x, w, stride, padding, dilation, groups, scale, bias, residual,
+                               True))
+        torch.library.opcheck(ops.conv2d_bn_stats.default,
+                              (xg, wg, stride, padding, dilation, groups))
+        y = torch.randn(1, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(ops.conv2d_dual_epilogue.default,
+                              (x, w, [1, 1], [1, 1], y, torch.randn(40, 16, 1, 1), 1, bias, True))
+
+
+def test_torch_compile_fullgraph_training_chain():
+    x, w, stride, padding, dilation, groups = _args(CONVS[2], torch.float32)
+    bn_w, bn_b = torch.rand(40).requires_grad_(), torch.randn(40).requires_grad_()
+
+    def step(x, w):
+        z, mean, var = ops.conv2d_bn_stats(x, w, stride, padding, dilation, groups)
+        out = fr.functional.batch_norm_add_relu(z, None, None, None, bn_w, bn_b, training=True,
+                                                batch_mean=mean, batch_var=var)
+        return out.square().sum()
+
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    eager = step(xs, ws)
+    eager_grads = torch.autograd.grad(eager, [xs, ws])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(xs, ws)
+    compiled_grads = torch.autograd.grad(compiled, [xs, ws])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_path_choices():
+    x, w, stride, padding, dilation, groups = _args(CONVS[2], torch.float32)
+    assert conv_ops.triton_unsupported(x, w, stride, padding, dilation, groups) is None
+    assert conv_ops.triton_unsupported(x, w, stride, padding, [2, 2], groups) == "dilation"
+    assert conv_ops.triton_unsupported(x, w, stride, padding, dilation, 2) == \
+        "grouped convolution"
+    with backend.use("cpp"):  # CPU auto/cpp: the library conv + C++ epilogue, deterministic
+        assert conv_ops.conv_path(x, w, stride, padding, dilation, groups) == "library"
+    if backend.why_not("triton", "cpu") is None:
+        with backend.use("triton"):
+            assert conv_ops.conv_path(x, w, stride, padding, dilation, groups) == "triton"
+            assert conv_ops.conv_path(x, w, stride, padding, dilation, 4) == "library"
+
+
+def test_batch_stats_arguments_checked():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="given together"):
+        fr.functional.batch_norm_add_relu(x, None, None, None, training=True,
+                                          batch_mean=torch.zeros(4))
+    with pytest.raises(ValueError, match="eval mode uses the running statistics"):
+        fr.functional.batch_norm_add_relu(x, None, torch.zeros(4), torch.ones(4),
+                                          training=False, batch_mean=torch.zeros(4),
+                                          batch_var=torch.ones(4))

@@ -215,3 +215,65 @@ def test_batch_stats_arguments_checked():
         fr.functional.batch_norm_add_relu(x, None, torch.zeros(4), torch.ones(4),
                                           training=False, batch_mean=torch.zeros(4),
                                           batch_var=torch.ones(4))
+
+
+def test_tuned_choice_measures_once_and_caches(monkeypatch):
+    monkeypatch.setattr(conv_ops, "_choices", {})
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return fn()
+
+    candidates = {"triton": lambda: 2.0, "library": lambda: 1.0}
+    assert conv_ops.tuned_choice("key", candidates, timer) == "library"
+    assert conv_ops.tuned_choice("key", candidates, timer) == "library"
+    assert len(calls) == 2  # each candidate timed once, then the cached answer
+    candidates = {"triton": lambda: 0.5, "library": lambda: 1.0}
+    assert conv_ops.tuned_choice("other", candidates, timer) == "triton"
+
+
+# ---- GPU (skipped without one): every ResNet-50 conv shape at batch 32 ------------------------
+RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, padding, input H=W)
+    (3, 64, 7, 2, 3, 224),
+    (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56), (256, 64, 1, 1, 0, 56),
+    (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56), (128, 512, 1, 1, 0, 28),
+    (512, 128, 1, 1, 0, 28), (128, 128, 3, 1, 1, 28),
+    (512, 256, 1, 1, 0, 28), (256, 256, 3, 2, 1, 28), (256, 1024, 1, 1, 0, 14),
+    (1024, 256, 1, 1, 0, 14), (256, 256, 3, 1, 1, 14),
+    (1024, 512, 1, 1, 0, 14), (512, 512, 3, 2, 1, 14), (512, 2048, 1, 1, 0, 7),
+    (2048, 512, 1, 1, 0, 7), (512, 512, 3, 1, 1, 7),
+    (64, 256, 1, 1, 0, 56), (256, 512, 1, 2, 0, 56), (512, 1024, 1, 2, 0, 28),
+    (1024, 2048, 1, 2, 0, 14),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend_name", ["triton", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", RESNET50_CONVS, ids=lambda s: "-".join(map(str, s)))
+def test_resnet50_convs_cuda(backend_name, dtype, shape):
+    if backend.why_not(backend_name, "cuda") is not None:
+        pytest.skip(backend.why_not(backend_name, "cuda"))
+    cin, cout, k, s, p, hw = shape
+    x = torch.randn(32, cin, hw, hw, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
+    scale = torch.rand(cout, device="cuda") + 0.5
+    bias = torch.randn(cout, device="cuda")
+    oh = (hw + 2 * p - k) // s + 1
+    residual = torch.randn(32, cout, oh, oh, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    with backend.use(backend_name):
+        out = ops.conv2d_epilogue(x, w, [s, s], [p, p], [1, 1], 1, scale, bias, residual, True)
+
+    def reference(dt):
+        z = F.conv2d(x.to(dt), w.to(dt), None, s, p)
+        return _epilogue(z, scale, bias, residual.to(dt), True)
+
+    # the same-dtype baseline: cuDNN in that dtype (fp32 accumulate), epilogue in fp32
+    torch_same = _epilogue(F.conv2d(x, w, None, s, p).float(), scale, bias, residual.float(),
+                           True).to(dtype)
+    c = compare("conv2d_epilogue", out, reference(torch.float64), torch_same)
+    assert c.ok, c

@@ -30,7 +30,7 @@ from torch import Tensor
 from fused_resnet import backend, layout
 from fused_resnet.ops.bn_add_relu import _run
 
-_choices: dict = {}  # measured per-shape choice on CUDA: key -> "triton" | "library"
+_choices: dict = {}  # measured per-shape choices on CUDA: key -> "triton" | "library"
 
 
 def _conv_kernels():
@@ -54,28 +54,60 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
 
 
 def conv_path(input, weight, stride, padding, dilation, groups) -> str:
-    """"triton" (fused implicit-GEMM conv) or "library" (library conv + fused epilogue).
+    """"triton" (fused implicit-GEMM conv) or "library" (library conv + fused epilogue), when
+    the caller has no measured choice to offer (see choose_path).
 
     Forced backends: triton -> the Triton conv wherever it supports the configuration (its
     epilogue kernels otherwise); cpp / torch -> library conv + that backend's epilogue.
-    auto: CPU -> library conv (mkldnn) + the C++ epilogue, deterministic; CUDA -> whichever of
-    the two was faster for this shape, measured once and cached (like cudnn.benchmark).
+    auto: the library conv (cuDNN / mkldnn) + the C++ epilogue; on CUDA choose_path may pick
+    the Triton conv instead after measuring both.
     """
-    name = backend.choose(input.device, input.dtype)
+    backend.choose(input.device, input.dtype)  # raises if a forced backend cannot run here
     unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
     if backend.requested() == "triton":
         return "triton" if unsupported is None else "library"
-    if input.device.type != "cuda" or unsupported is not None or name == "torch" \
-            or backend.why_not("triton", "cuda") is not None:
-        return "library"
-    key = (input.device.index, input.dtype, tuple(input.shape), layout.is_channels_last(input),
-           tuple(weight.shape), tuple(stride), tuple(padding))
-    return _choices.get(key, "library")
+    return "library"
 
 
-def record_choice(key, choice: str) -> None:
-    """Store a measured per-shape choice (used by the benchmark-driven tuner on a GPU)."""
-    _choices[key] = choice
+def _can_measure(input, weight, stride, padding, dilation, groups) -> bool:
+    return (backend.requested() == "auto" and input.device.type == "cuda"
+            and backend.why_not("triton", "cuda") is None
+            and triton_unsupported(input, weight, stride, padding, dilation, groups) is None
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilation,
+                groups) -> str:
+    """The path to run: conv_path's answer, or on CUDA with the auto backend, the faster of
+    the candidates for this op and shape, measured once and cached (like cudnn.benchmark)."""
+    if not _can_measure(input, weight, stride, padding, dilation, groups):
+        return conv_path(input, weight, stride, padding, dilation, groups)
+    key = (op, input.device.index, input.dtype, tuple(input.shape),
+           layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
+    return tuned_choice(key, candidates, _cuda_median_ms)
+
+
+def tuned_choice(key, candidates: dict, timer) -> str:
+    """Name of the fastest candidate (name -> zero-argument callable) by timer(callable), cached
+    under key: each shape is measured once per process."""
+    if key not in _choices:
+        _choices[key] = min(candidates, key=lambda name: timer(candidates[name]))
+    return _choices[key]
+
+
+def _cuda_median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _output_like(out: Tensor, input: Tensor) -> Tensor:
@@ -108,21 +140,35 @@ def _allow_tf32() -> bool:
 
 
 # ---- conv2d_epilogue ----------------------------------------------------------------------------
-@torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
-def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, scale: Optional[Tensor],
-                    bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
-    if conv_path(input, weight, stride, padding, dilation, groups) == "triton":
-        conv = _conv_kernels()
-        scale_f, bias_f = _affine(weight.shape[0], scale, bias, input)
-        out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
-                                  scale=scale_f, bias=bias_f, residual=residual, relu=relu,
-                                  allow_tf32=_allow_tf32())
-        return _output_like(out, input)
+def _epilogue_triton(input, weight, stride, padding, scale, bias, residual, relu):
+    conv = _conv_kernels()
+    scale_f, bias_f = _affine(weight.shape[0], scale, bias, input)
+    out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
+                              scale=scale_f, bias=bias_f, residual=residual, relu=relu,
+                              allow_tf32=_allow_tf32())
+    return _output_like(out, input)
+
+
+def _epilogue_library(input, weight, stride, padding, dilation, groups, scale, bias, residual,
+                      relu):
     z = _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
     scale_f, bias_f = _affine(weight.shape[0], scale, bias, z)
     out, _ = _run("bn_add_relu_apply", z, z, residual, scale_f, bias_f, relu, False)
     return out
+
+
+@torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
+def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, scale: Optional[Tensor],
+                    bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+    candidates = {
+        "triton": lambda: _epilogue_triton(input, weight, stride, padding, scale, bias,
+                                           residual, relu),
+        "library": lambda: _epilogue_library(input, weight, stride, padding, dilation, groups,
+                                             scale, bias, residual, relu),
+    }
+    path = choose_path("epilogue", candidates, input, weight, stride, padding, dilation, groups)
+    return candidates[path]()
 
 
 @conv2d_epilogue.register_fake
@@ -131,25 +177,38 @@ def _(input, weight, stride, padding, dilation, groups, scale, bias, residual, r
 
 
 # ---- conv2d_dual_epilogue -------------------------------------------------------------------------
-@torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
-def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                         shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
-                         bias: Optional[Tensor], relu: bool) -> Tensor:
-    path = conv_path(input, weight, stride, padding, [1, 1], 1)
-    if path == "triton" and shortcut_weight.shape[2:] == (1, 1) \
-            and shortcut_input.dtype == input.dtype:
-        conv = _conv_kernels()
-        scale_f, bias_f = _affine(weight.shape[0], None, bias, input)
-        out, _ = conv.conv2d_nhwc(
-            input, conv.pack_weight(weight), stride[0], padding[0], bias=bias_f, relu=relu,
-            shortcut=(shortcut_input, conv.pack_weight(shortcut_weight), shortcut_stride),
-            allow_tf32=_allow_tf32())
-        return _output_like(out, input)
+def _dual_triton(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                 shortcut_stride, bias, relu):
+    conv = _conv_kernels()
+    _, bias_f = _affine(weight.shape[0], None, bias, input)
+    out, _ = conv.conv2d_nhwc(
+        input, conv.pack_weight(weight), stride[0], padding[0], bias=bias_f, relu=relu,
+        shortcut=(shortcut_input, conv.pack_weight(shortcut_weight), shortcut_stride),
+        allow_tf32=_allow_tf32())
+    return _output_like(out, input)
+
+
+def _dual_library(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                  shortcut_stride, bias, relu):
     z = _output_like(F.conv2d(input, weight, None, stride, padding), input)
     shortcut = _output_like(F.conv2d(shortcut_input, shortcut_weight, None, shortcut_stride), z)
     scale_f, bias_f = _affine(weight.shape[0], None, bias, z)
     out, _ = _run("bn_add_relu_apply", z, z, shortcut, scale_f, bias_f, relu, False)
     return out
+
+
+@torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
+def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                         shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
+                         bias: Optional[Tensor], relu: bool) -> Tensor:
+    args = (input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride,
+            bias, relu)
+    # The kernel's second operand is a 1x1 conv of a tensor of the same dtype.
+    if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
+        return _dual_library(*args)
+    candidates = {"triton": lambda: _dual_triton(*args), "library": lambda: _dual_library(*args)}
+    return candidates[choose_path("dual", candidates, input, weight, stride, padding, [1, 1],
+                                  1)]()
 
 
 @conv2d_dual_epilogue.register_fake
@@ -159,17 +218,28 @@ def _(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_
 
 
 # ---- conv2d_bn_stats ------------------------------------------------------------------------------
-@torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
-def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    if conv_path(input, weight, stride, padding, dilation, groups) == "triton":
-        conv = _conv_kernels()
-        z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0],
-                                          padding[0], stats=True, allow_tf32=_allow_tf32())
-        return _output_like(z, input), mean, var
+def _stats_triton(input, weight, stride, padding):
+    conv = _conv_kernels()
+    z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
+                                      stats=True, allow_tf32=_allow_tf32())
+    return _output_like(z, input), mean, var
+
+
+def _stats_library(input, weight, stride, padding, dilation, groups):
     z = _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
     mean, var, _, _ = _run("bn_stats", z, z, None, None, 0.0)
     return z, mean, var
+
+
+@torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
+def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    candidates = {
+        "triton": lambda: _stats_triton(input, weight, stride, padding),
+        "library": lambda: _stats_library(input, weight, stride, padding, dilation, groups),
+    }
+    path = choose_path("bn_stats", candidates, input, weight, stride, padding, dilation, groups)
+    return candidates[path]()
 
 
 @conv2d_bn_stats.register_fake

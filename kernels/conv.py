@@ -19,6 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_resnet import tuning
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU: each compiles for sm_90 without spills
+# (tests/test_triton_aot.py); the launcher measures them once per problem shape and keeps the
+# fastest. Interpreter (CPU): one config with few, large programs.
+GPU_CONFIGS = [(128, 128, 64, 8), (128, 64, 64, 4), (64, 128, 64, 4), (64, 64, 64, 4)]
+INTERPRETER_CONFIG = (64, 32, 16, 4)
+
+
+def gpu_configs(c_in: int):
+    """Configs for a C_in: when C_in is not a multiple of BLOCK_K (the C_in=3 stem) every k is
+    decomposed into (tap, channel), which costs registers: 128x64 on 4 warps spills there."""
+    if all(c_in % cfg[2] == 0 for cfg in GPU_CONFIGS):
+        return GPU_CONFIGS
+    return [cfg for cfg in GPU_CONFIGS if cfg != (128, 64, 64, 4)]
+
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr,
@@ -122,39 +138,26 @@ def _dot_precision(dtype, allow_tf32: bool) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
-def launch_config(x: torch.Tensor):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU: 128x128x64 over 8 warps compiles for
-    sm_90 without spills (tests/test_triton_aot.py); to be tuned per shape on the GPU."""
-    if x.device.type == "cpu":  # interpreter: few, large programs
-        return 64, 32, 16, 4
-    return 128, 128, 64, 8
-
-
 def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual=None,
-                relu=False, stats=False, shortcut=None, allow_tf32=False):
+                relu=False, stats=False, shortcut=None, allow_tf32=False, config=None):
     """Fused conv over an NHWC (channels_last) input.
 
     x: [N, C_in, H, W] channels_last; w_packed: pack_weight(...) of a [C_out, C_in, KH, KW]
     weight; shortcut: optional (x2, w2_packed, stride2) with x2 channels_last [N, C2, H2, W2]
-    and w2 packed from a [C_out, C2, 1, 1] weight. Returns out (channels_last [N, C_out, OH,
-    OW]) and, if stats, the per-channel (mean, biased var) of the raw conv output (before
-    scale/bias/residual/ReLU), in fp32.
+    and w2 packed from a [C_out, C2, 1, 1] weight. config: a (BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps) tuple, else chosen (measured once per shape on a GPU). Returns out
+    (channels_last [N, C_out, OH, OW]) and, if stats, the per-channel (mean, biased var) of the
+    raw conv output (before scale/bias/residual/ReLU), in fp32.
     """
     n, c_in, h, w = x.shape
     kh, kw, _, c_out = w_packed.shape
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (w + 2 * padding - kw) // stride + 1
+    if n * oh * ow >= 2**31 - 256:
+        raise ValueError(f"conv2d_nhwc: {n * oh * ow} output pixels exceed the int32 pixel index")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
-    block_m, block_n, block_k, num_warps = launch_config(x)
-    if n * oh * ow >= 2**31 - block_m:
-        raise ValueError(f"conv2d_nhwc: {n * oh * ow} output pixels exceed the int32 pixel index")
-    grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(c_out, block_n))
-    tile_mean = tile_m2 = out  # placeholders when STATS is off
-    if stats:
-        tile_mean = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
-        tile_m2 = torch.empty_like(tile_mean)
     if shortcut is not None:
         x2, w2, stride2 = shortcut
         x2 = x2.contiguous(memory_format=torch.channels_last)
@@ -163,20 +166,44 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
         x2, w2, stride2, h2, w2_size, c2 = x, w_packed, 1, 1, 1, 1
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    _conv_kernel[grid](
-        x, w_packed, x2, w2, out,
-        scale if scale is not None else out, bias if bias is not None else out,
-        residual if residual is not None else out, tile_mean, tile_m2,
-        n, h, w, c_in, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
-        KH=kh, KW=kw, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        STATS=stats, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
-        TAP_PER_CHUNK=c_in % block_k == 0, BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps)
+
+    def launch(cfg):
+        block_m, block_n, block_k, num_warps = cfg
+        grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(c_out, block_n))
+        tile_mean = tile_m2 = out  # placeholders when STATS is off
+        if stats:
+            tile_mean = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
+            tile_m2 = torch.empty_like(tile_mean)
+        _conv_kernel[grid](
+            x, w_packed, x2, w2, out,
+            scale if scale is not None else out, bias if bias is not None else out,
+            residual if residual is not None else out, tile_mean, tile_m2,
+            n, h, w, c_in, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
+            KH=kh, KW=kw, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            STATS=stats, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+            TAP_PER_CHUNK=c_in % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=num_warps)
+        return tile_mean, tile_m2, block_m
+
+    if config is None:
+        config = _choose_config(x, w_packed, stride, padding, shortcut is not None, stats,
+                                launch)
+    tile_mean, tile_m2, block_m = launch(config)
     if not stats:
         return out, None
     return out, _merge_tile_stats(tile_mean, tile_m2, n * oh * ow, block_m)
+
+
+def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, launch):
+    if x.device.type == "cpu":
+        return INTERPRETER_CONFIG
+    if not tuning.can_measure():
+        return GPU_CONFIGS[0]
+    key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
+           padding, has_shortcut, stats)
+    return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg))
+                                     for cfg in gpu_configs(x.shape[1])})
 
 
 def _merge_tile_stats(tile_mean, tile_m2, rows, block_m):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fused_resnet as fr
 from conftest import cpu_backend_params
-from fused_resnet import backend, fold
+from fused_resnet import backend, fold, tuning
 from fused_resnet.ops import conv as conv_ops
 from fused_resnet.verify import compare
 
@@ -218,7 +218,7 @@ def test_batch_stats_arguments_checked():
 
 
 def test_tuned_choice_measures_once_and_caches(monkeypatch):
-    monkeypatch.setattr(conv_ops, "_choices", {})
+    monkeypatch.setattr(tuning, "_cache", {})
     calls = []
 
     def timer(fn):
@@ -226,11 +226,11 @@ def test_tuned_choice_measures_once_and_caches(monkeypatch):
         return fn()
 
     candidates = {"triton": lambda: 2.0, "library": lambda: 1.0}
-    assert conv_ops.tuned_choice("key", candidates, timer) == "library"
-    assert conv_ops.tuned_choice("key", candidates, timer) == "library"
+    assert tuning.tuned_choice("key", candidates, timer) == "library"
+    assert tuning.tuned_choice("key", candidates, timer) == "library"
     assert len(calls) == 2  # each candidate timed once, then the cached answer
     candidates = {"triton": lambda: 0.5, "library": lambda: 1.0}
-    assert conv_ops.tuned_choice("other", candidates, timer) == "triton"
+    assert tuning.tuned_choice("other", candidates, timer) == "triton"
 
 
 # ---- GPU (skipped without one): every ResNet-50 conv shape at batch 32 ------------------------

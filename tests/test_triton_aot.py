@@ -29,10 +29,13 @@ def test_every_variant_compiled(compiled):
                    "grad_reduce_partial_nchw", "grad_reduce_partial_nhwc"):
         for dtype in ("fp16", "bf16"):
             assert (kernel, dtype) in names
+    from fused_resnet.kernels import conv
+
     for kernel in ("conv1x1_bn_relu", "conv3x3_bn_add_relu", "conv3x3_stats", "stem7x7_cin3",
                    "conv1x1_plus_shortcut"):
-        for dtype in ("fp16", "bf16"):
-            assert (kernel, dtype) in names
+        for bm, bn, bk, warps in conv.gpu_configs(3 if kernel == "stem7x7_cin3" else 64):
+            for dtype in ("fp16", "bf16"):
+                assert (f"{kernel}@{bm}x{bn}x{bk}w{warps}", dtype) in names
     failed = [r for r in compiled if not r["ok"]]
     assert not failed, failed
 

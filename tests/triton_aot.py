@@ -112,11 +112,8 @@ def bn_act_variants():
 def conv_variants():
     """The implicit-GEMM conv for the ResNet conv kinds (1x1, 3x3, the 7x7 C_in=3 stem, the
     fused projection shortcut, the statistics epilogue), with its GPU launch configuration."""
-    import torch
-
     from fused_resnet.kernels import conv
 
-    block_m, block_n, block_k, num_warps = conv.launch_config(torch.empty(0, device="meta"))
     fn = conv._conv_kernel
     sizes = ("N", "H", "W", "C_in", "OH", "OW", "C_out", "H2", "W2", "C2", "stride", "pad",
              "stride2")
@@ -127,7 +124,8 @@ def conv_variants():
         "stem7x7_cin3": (7, 7, False, False, False),
         "conv1x1_plus_shortcut": (1, 1, True, True, False),
     }
-    for t in ("fp16", "bf16"):
+    for t, config in [(t, c) for t in ("fp16", "bf16") for c in conv.GPU_CONFIGS]:
+        block_m, block_n, block_k, num_warps = config
         pointers = {name: f"*{t}" for name in ("x_ptr", "w_ptr", "x2_ptr", "w2_ptr", "out_ptr",
                                                "res_ptr")}
         pointers.update({name: "*fp32" for name in ("scale_ptr", "bias_ptr", "tile_mean_ptr",
@@ -135,6 +133,8 @@ def conv_variants():
         signature = {a: pointers.get(a, "i32" if a in sizes else "constexpr")
                      for a in fn.arg_names}
         for name, (kh, kw, aligned, shortcut, stats) in kinds.items():
+            if config not in conv.gpu_configs(64 if aligned else 3):
+                continue  # the launcher never uses this config for this kind
             divisible = [a for a in fn.arg_names if a.endswith("_ptr")] + ["C_out", "C2"]
             if aligned:
                 divisible.append("C_in")
@@ -143,7 +143,8 @@ def conv_variants():
                               RELU=not stats, STATS=stats, DOT_PRECISION="tf32",
                               TAP_PER_CHUNK=aligned, BLOCK_M=block_m, BLOCK_N=block_n,
                               BLOCK_K=block_k)
-            yield name, t, fn, signature, constexprs, num_warps, divisible
+            yield (f"{name}@{block_m}x{block_n}x{block_k}w{num_warps}", t, fn, signature,
+                   constexprs, num_warps, divisible)
 
 
 def main() -> int:

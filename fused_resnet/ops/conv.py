@@ -27,11 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_resnet import backend, layout
+from fused_resnet import backend, layout, tuning
 from fused_resnet.ops.bn_add_relu import _run
-
-_choices: dict = {}  # measured per-shape choices on CUDA: key -> "triton" | "library"
-
 
 def _conv_kernels():
     from fused_resnet.kernels import conv  # imports triton: only when that path runs
@@ -73,7 +70,7 @@ def _can_measure(input, weight, stride, padding, dilation, groups) -> bool:
     return (backend.requested() == "auto" and input.device.type == "cuda"
             and backend.why_not("triton", "cuda") is None
             and triton_unsupported(input, weight, stride, padding, dilation, groups) is None
-            and not torch.cuda.is_current_stream_capturing())
+            and tuning.can_measure())
 
 
 def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilation,
@@ -84,30 +81,7 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
         return conv_path(input, weight, stride, padding, dilation, groups)
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
-    return tuned_choice(key, candidates, _cuda_median_ms)
-
-
-def tuned_choice(key, candidates: dict, timer) -> str:
-    """Name of the fastest candidate (name -> zero-argument callable) by timer(callable), cached
-    under key: each shape is measured once per process."""
-    if key not in _choices:
-        _choices[key] = min(candidates, key=lambda name: timer(candidates[name]))
-    return _choices[key]
-
-
-def _cuda_median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return tuning.tuned_choice(key, candidates)
 
 
 def _output_like(out: Tensor, input: Tensor) -> Tensor:

@@ -33,5 +33,13 @@ echo "bench rc=$?" | tee -a "$OUT/summary.txt"
 python3 benchmarks/report.py "$OUT/bn_add_relu.json" --command "$cmd" \
   -o "benchmarks/results/bn_add_relu-$device-$stamp.md"
 cp "benchmarks/results/bn_add_relu-$device-$stamp.md" "$OUT/"
+cmd="pytest benchmarks/test_bench_conv.py --benchmark-json=$OUT/conv.json"
+python3 -m pytest benchmarks/test_bench_conv.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/conv.json" > "$OUT/bench-conv.log" 2>&1
+echo "bench conv rc=$?" | tee -a "$OUT/summary.txt"
+python3 benchmarks/report.py "$OUT/conv.json" --command "$cmd" \
+  -o "benchmarks/results/conv-$device-$stamp.md"
+cp "benchmarks/results/conv-$device-$stamp.md" "$OUT/"
 cat "$OUT/summary.txt"
 cat "benchmarks/results/bn_add_relu-$device-$stamp.md"
+cat "benchmarks/results/conv-$device-$stamp.md"

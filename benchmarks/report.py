@@ -26,6 +26,12 @@ def _fmt_ms(seconds):
     return f"{seconds * 1e3:.3f}"
 
 
+def _throughput(row) -> str:
+    if "tflops" in row:  # compute-bound ops: arithmetic rate and images/s
+        return f"{row['tflops']:.2f} TFLOP/s, {row['images_per_s']:.0f} img/s"
+    return f"{row['gbps']:.0f} GB/s"
+
+
 def render(data, rows, command=None) -> str:
     if not rows:
         return "No benchmark rows with fused_resnet extra_info.\n"
@@ -40,9 +46,10 @@ def render(data, rows, command=None) -> str:
         lines.append(f"- measured device copy bandwidth: {first['copy_bandwidth_gbps']:.0f} GB/s")
     if command:
         lines.append(f"- command: `{command}`")
-    lines += ["", "Median time per call (ms), GB/s = bytes the fused algorithm must move / time, "
-              "and the speed-up over eager PyTorch measured in the same run "
-              "(> 1: faster than eager).", ""]
+    lines += ["", "Median time per call (ms); GB/s = bytes the fused algorithm must move / time "
+              "(memory-bound ops) or TFLOP/s of the convolutions and images/s; and the "
+              "speed-up over eager PyTorch measured in the same run (> 1: faster than eager).",
+              ""]
     groups = defaultdict(dict)
     for row in rows:
         groups[(tuple(row["shape"]), row["mode"])][row["provider"]] = row
@@ -58,7 +65,7 @@ def render(data, rows, command=None) -> str:
             if row is None:
                 cells.append("-")
                 continue
-            cell = f"{_fmt_ms(row['median_s'])} ms, {row['gbps']:.0f} GB/s"
+            cell = f"{_fmt_ms(row['median_s'])} ms, {_throughput(row)}"
             if row.get("fraction_of_copy_bandwidth"):
                 cell += f" ({100 * row['fraction_of_copy_bandwidth']:.0f}% of copy)"
             if eager and p != "eager":

@@ -277,3 +277,68 @@ def test_resnet50_convs_cuda(backend_name, dtype, shape):
                            True).to(dtype)
     c = compare("conv2d_epilogue", out, reference(torch.float64), torch_same)
     assert c.ok, c
+
+
+def test_torch_compile_inductor_conv_epilogue():
+    x, w, stride, padding, dilation, groups = _args(CONVS[3], torch.float32)
+    scale, bias = torch.rand(w.shape[0]) + 0.5, torch.randn(w.shape[0])
+
+    def f(x):
+        y = ops.conv2d_epilogue(x, w, stride, padding, dilation, groups, scale, bias, None, True)
+        return y * 2 + 1  # something for inductor to fuse around the custom op
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend_name", ["triton", "cpp"])
+@pytest.mark.parametrize("cfg", CONVS, ids=_ids)
+def test_training_chain_cuda(backend_name, cfg):
+    """conv2d_bn_stats -> batch_norm_add_relu on CUDA in bf16 vs conv -> BN -> add -> ReLU."""
+    if backend.why_not(backend_name, "cuda") is not None:
+        pytest.skip(backend.why_not(backend_name, "cuda"))
+    x, w, stride, padding, dilation, groups = _args(cfg, torch.bfloat16)
+    x, w = x.cuda(), w.cuda()
+    bn = torch.nn.BatchNorm2d(w.shape[0]).cuda()
+    bn_ref = copy.deepcopy(bn)
+    with backend.use(backend_name), torch.no_grad():
+        z, mean, var = ops.conv2d_bn_stats(x, w, stride, padding, dilation, groups)
+        out = fr.functional.batch_norm_add_relu(z, None, bn.running_mean, bn.running_var,
+                                                bn.weight, bn.bias, training=True,
+                                                batch_mean=mean, batch_var=var)
+        ref = torch.relu(bn_ref(F.conv2d(x.float(), w.float(), None, stride, padding, dilation,
+                                         groups)))
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("cfg", CONVS[:5] + CONVS[6:], ids=_ids)
+def test_conv2d_epilogue_gradients(backend_name, cfg):
+    """Frozen-BN fine-tuning: gradients of input, weight, scale, bias and residual through
+    conv2d_epilogue vs the same computation in plain PyTorch autograd."""
+    x, w, stride, padding, dilation, groups = _args(cfg, torch.float32)
+    cout = w.shape[0]
+    z_shape = F.conv2d(x, w, None, stride, padding, dilation, groups).shape
+    leaves = [t.detach().clone().requires_grad_() for t in
+              (x, w, torch.rand(cout) + 0.5, torch.randn(cout), torch.randn(z_shape))]
+    grad_out = torch.randn(z_shape)
+
+    def fused(x, w, scale, bias, residual):
+        return ops.conv2d_epilogue(x, w, stride, padding, dilation, groups, scale, bias,
+                                   residual, True)
+
+    def reference(x, w, scale, bias, residual):
+        z = F.conv2d(x, w, None, stride, padding, dilation, groups)
+        return _epilogue(z, scale, bias, residual, True)
+
+    with backend.use(backend_name):
+        got = torch.autograd.grad(fused(*leaves), leaves, grad_out)
+    want = torch.autograd.grad(reference(*leaves), leaves, grad_out)
+    for name, g, r in zip(["input", "weight", "scale", "bias", "residual"], got, want):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+    with backend.use(backend_name):
+        torch.library.opcheck(ops.conv2d_epilogue.default,
+                              (leaves[0], leaves[1], stride, padding, dilation, groups,
+                               leaves[2], leaves[3], leaves[4], True))

@@ -3,7 +3,9 @@
     conv2d_epilogue(input, weight, stride, padding, dilation, groups, scale?, bias?, residual?,
                     relu) -> out
         relu(conv2d(input, weight) * scale + bias + residual), scale/bias per output channel
-        (eval-mode BN folded, fused_resnet.fold), each part optional. Inference.
+        (eval-mode BN folded, fused_resnet.fold), each part optional. Inference; also
+        differentiable (frozen-BN fine-tuning): backward keeps the output for the ReLU mask
+        and runs the conv backward through aten.convolution_backward.
     conv2d_dual_epilogue(input, weight, stride, padding, shortcut_input, shortcut_weight,
                          shortcut_stride, bias?, relu) -> out
         relu(conv2d(input, weight) + conv1x1(shortcut_input, shortcut_weight, stride) + bias):
@@ -240,3 +242,37 @@ def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):
 
 
 conv2d_bn_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
+# ---- autograd of conv2d_epilogue (fine-tuning with frozen, folded BN) -----------------------------
+def _epilogue_setup_context(ctx, inputs, output):
+    input, weight, stride, padding, dilation, groups, scale, bias, residual, relu = inputs
+    ctx.save_for_backward(input, weight, scale, output if relu else None)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.relu = relu
+    ctx.param_dtypes = (scale.dtype if scale is not None else None,
+                        bias.dtype if bias is not None else None)
+
+
+def _epilogue_backward(ctx, grad_out):
+    input, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need = ctx.needs_input_grad
+    grad_y = grad_out * (output > 0) if ctx.relu else grad_out
+    grad_scale = grad_bias = grad_input = grad_weight = None
+    if need[7]:
+        grad_bias = grad_y.float().sum(dim=(0, 2, 3)).to(ctx.param_dtypes[1])
+    if need[6]:  # recompute the raw conv output rather than keep it
+        z = F.conv2d(input, weight, None, stride, padding, dilation, groups)
+        grad_scale = (grad_y.float() * z.float()).sum(dim=(0, 2, 3)).to(ctx.param_dtypes[0])
+    if need[0] or need[1]:
+        grad_z = grad_y if scale is None else \
+            (grad_y.float() * scale.float().view(1, -1, 1, 1)).to(grad_y.dtype)
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_z, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need[0], need[1], False])
+    return (grad_input, grad_weight, None, None, None, None, grad_scale, grad_bias,
+            grad_y if need[8] else None, None)
+
+
+conv2d_epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)

@@ -26,20 +26,16 @@ done
 log "benchmarks"
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 stamp=$(date -u +%Y-%m-%d)
-cmd="pytest benchmarks/test_bench_bn_add_relu.py --benchmark-json=$OUT/bn_add_relu.json"
-python3 -m pytest benchmarks/test_bench_bn_add_relu.py -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bn_add_relu.json" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$OUT/summary.txt"
-python3 benchmarks/report.py "$OUT/bn_add_relu.json" --command "$cmd" \
-  -o "benchmarks/results/bn_add_relu-$device-$stamp.md"
-cp "benchmarks/results/bn_add_relu-$device-$stamp.md" "$OUT/"
-cmd="pytest benchmarks/test_bench_conv.py --benchmark-json=$OUT/conv.json"
-python3 -m pytest benchmarks/test_bench_conv.py -q -p no:cacheprovider \
-  --benchmark-json="$OUT/conv.json" > "$OUT/bench-conv.log" 2>&1
-echo "bench conv rc=$?" | tee -a "$OUT/summary.txt"
-python3 benchmarks/report.py "$OUT/conv.json" --command "$cmd" \
-  -o "benchmarks/results/conv-$device-$stamp.md"
-cp "benchmarks/results/conv-$device-$stamp.md" "$OUT/"
+bench() {  # bench NAME: benchmarks/test_bench_NAME.py -> $OUT/NAME.json and a markdown report
+  local name=$1 cmd="pytest benchmarks/test_bench_$1.py --benchmark-json=$OUT/$1.json"
+  python3 -m pytest "benchmarks/test_bench_$name.py" -q -p no:cacheprovider \
+    --benchmark-json="$OUT/$name.json" > "$OUT/bench-$name.log" 2>&1
+  echo "bench $name rc=$?" | tee -a "$OUT/summary.txt"
+  python3 benchmarks/report.py "$OUT/$name.json" --command "$cmd" \
+    -o "benchmarks/results/$name-$device-$stamp.md"
+  cp "benchmarks/results/$name-$device-$stamp.md" "$OUT/"
+}
+bench bn_add_relu
+bench conv
 cat "$OUT/summary.txt"
-cat "benchmarks/results/bn_add_relu-$device-$stamp.md"
-cat "benchmarks/results/conv-$device-$stamp.md"
+cat "benchmarks/results/bn_add_relu-$device-$stamp.md" "benchmarks/results/conv-$device-$stamp.md"

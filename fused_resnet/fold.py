@@ -1,6 +1,6 @@
 """BatchNorm folding for inference: conv(x, W) followed by eval-mode BN equals
-conv(x, W * scale) + shift, per output channel. Done in fp32 whatever the model dtype, then
-cast to the weight's dtype."""
+conv(x, W * scale) + shift, per output channel. Done in fp32 (fp64 for an fp64 model) whatever
+the model dtype, then cast to the weight's dtype."""
 
 from typing import Optional
 
@@ -16,7 +16,8 @@ def bn_eval_scale_shift(bn: torch.nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         raise ValueError("fused_resnet.fold: a BatchNorm without running statistics "
                          "(track_running_stats=False) normalises with batch statistics even "
                          "in eval mode and cannot be folded")
-    return reference.bn_scale_shift(bn.running_mean.float(), bn.running_var.float(), bn.weight,
+    acc = _acc(bn.running_mean)
+    return reference.bn_scale_shift(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight,
                                     bn.bias, bn.eps)
 
 
@@ -24,6 +25,11 @@ def fold_conv_bn(weight: Tensor, conv_bias: Optional[Tensor], scale: Tensor,
                  shift: Tensor) -> tuple[Tensor, Tensor]:
     """Folded (weight, bias): weight * scale per output channel (in the weight's dtype, computed
     in fp32) and shift + conv_bias * scale (fp32)."""
-    folded = (weight.float() * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-    bias = shift if conv_bias is None else shift + conv_bias.float() * scale
+    acc = _acc(weight)
+    folded = (weight.to(acc) * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
+    bias = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
     return folded, bias
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)

@@ -1,0 +1,204 @@
+"""fr.fuse_ / unfuse_ on torchvision ResNets (small inputs, CPU, fp32): eval and train outputs,
+gradients of every parameter and running statistics vs the unfused model with the same weights
+(error vs float64 at most twice the unfused model's own, fused_resnet.verify.compare);
+state_dict compatibility both ways, idempotence, filter_fn, unfuse_."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import resnet as tv
+
+import fused_resnet as fr
+from fused_resnet.verify import compare
+
+FAST = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
+SLOW = ["resnet34", "resnet101", "resnet152", "wide_resnet101_2", "resnext101_32x8d",
+        "resnext101_64x4d"]
+CONSTRUCTORS = FAST + [pytest.param(name, marks=pytest.mark.slow) for name in SLOW]
+
+
+def _model(name, **kwargs):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10, **kwargs)
+    with torch.no_grad():  # non-trivial BN parameters and statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _three(model):
+    """(fused, plain fp32, plain fp64) copies of one model."""
+    return fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model).double()
+
+
+def _assert_close_to_reference(name, got, plain, ref64):
+    c = compare(name, got, ref64, plain)
+    assert c.ok, c
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_eval_matches_torchvision(name):
+    fused, plain, ref = (m.eval() for m in _three(_model(name)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _assert_close_to_reference("eval logits", fused(x), plain(x), ref(x.double()))
+
+
+def _train_steps(models, steps=3):
+    """Run the same training steps (forward, cross-entropy, backward) on each model; yield,
+    per step, the logits and the parameter gradients of each."""
+    for step in range(steps):
+        x = torch.randn(4, 3, 64, 64)
+        target = torch.randint(0, 10, (4,))
+        results = []
+        for model in models:
+            model.zero_grad()
+            dtype = next(model.parameters()).dtype
+            logits = model(x.to(dtype))
+            torch.nn.functional.cross_entropy(logits, target).backward()
+            results.append((logits, [p.grad for p in model.parameters()]))
+        yield step, results
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_training_composition_exact_in_float64(name):
+    """The fused modules compose exactly what torchvision computes: in float64 (the torch
+    reference backend) logits, every parameter's gradient over three steps, running statistics
+    and num_batches_tracked agree to 1e-7 relative (float64 rounding amplified through up to
+    152 layers; a wrong term would be O(1))."""
+    model = _model(name).double()
+    fused, plain = fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model)
+    with fr.backend.use("torch"):
+        for step, ((logits, grads), (logits_p, grads_p)) in _train_steps([fused, plain]):
+            torch.testing.assert_close(logits, logits_p, rtol=1e-7, atol=1e-9)
+            for (pname, _), g, gp in zip(fused.named_parameters(), grads, grads_p):
+                torch.testing.assert_close(g, gp, rtol=1e-7, atol=1e-9,
+                                           msg=lambda m: f"step {step} grad {pname}: {m}")
+    for (bname, b), c in zip(fused.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-7, atol=1e-9, msg=lambda m: f"{bname}: {m}")
+
+
+def _normwise(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_training_steps_match_torchvision(name):
+    """fp32 with the default (C++) kernels, three training steps: logits vs float64 (2x the
+    plain model's error), running statistics, and gradients as a normwise sanity bound.
+    Gradient exactness is test_training_composition_exact_in_float64's job: in fp32 a ReLU
+    whose input is within rounding of zero may decide either way (in the plain model too, and
+    not at the same elements), which moves upstream gradients by O(|g|) from that element:
+    seen up to 2e-2 normwise (plain: 2.5e-3) for a layer4 BN of a 64x64 batch of 4 (16 values
+    per channel), 3e-6 on another seed. A wrong or missing term is O(1): bounds of 0.1 per
+    tensor and 1e-3 over all gradients together (or 4x the plain model's) still catch it."""
+    model = _model(name)
+    fused, plain, ref = fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), \
+        copy.deepcopy(model).double()
+    for step, ((logits, grads), (logits_p, grads_p), (logits_r, grads_r)) in \
+            _train_steps([fused, plain, ref]):
+        _assert_close_to_reference(f"step {step} logits", logits, logits_p, logits_r)
+        for (pname, _), g, gp, gr in zip(fused.named_parameters(), grads, grads_p, grads_r):
+            err, err_plain = _normwise(g, gr), _normwise(gp, gr)
+            assert err <= max(4 * err_plain, 0.1), \
+                f"step {step} grad {pname}: normwise error {err:.2e}, plain {err_plain:.2e}"
+        flat = [torch.cat([t.flatten().double() for t in gs]) for gs in (grads, grads_p, grads_r)]
+        err, err_plain = _normwise(flat[0], flat[2]), _normwise(flat[1], flat[2])
+        assert err <= max(4 * err_plain, 1e-3), f"step {step} all gradients: {err:.2e}"
+    for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, c), bname
+        else:  # running statistics of deep layers inherit the activations' rounding
+            _assert_close_to_reference(bname, b, c, r)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_state_dict_round_trips(name):
+    model = _model(name)
+    fused = fr.fuse_(copy.deepcopy(model))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    plain = getattr(torchvision.models, name)(num_classes=10)
+    plain.load_state_dict(fused.state_dict(), strict=True)  # fused -> torchvision
+    refused = fr.fuse_(getattr(torchvision.models, name)(num_classes=10))
+    refused.load_state_dict(plain.state_dict(), strict=True)  # torchvision -> fused
+    for (k, a), b in zip(model.state_dict().items(), refused.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_fused_blocks_share_parameters_and_unfuse_restores():
+    model = _model("resnet50")
+    params = {id(p) for p in model.parameters()}
+    fr.fuse_(model)
+    assert {id(p) for p in model.parameters()} == params  # shared, not copied
+    assert isinstance(model.layer1[0], fr.FusedBottleneck)
+    fr.unfuse_(model)
+    assert type(model.layer1[0]) is tv.Bottleneck and type(model.layer4[2]) is tv.Bottleneck
+    assert {id(p) for p in model.parameters()} == params
+    assert not hasattr(model, "fused_resnet_report")
+
+
+def test_fuse_is_idempotent_and_reports():
+    model = fr.fuse_(_model("resnet18"))
+    first = [type(m) for m in model.modules()]
+    fr.fuse_(model)
+    assert [type(m) for m in model.modules()] == first
+    assert len(model.fused_resnet_report["fused"]) == 8
+
+
+def test_filter_fn_selects_blocks():
+    model = fr.fuse_(_model("resnet18"), filter_fn=lambda m, fqn: fqn.startswith("layer1"))
+    assert isinstance(model.layer1[0], fr.FusedBasicBlock)
+    assert type(model.layer2[0]) is tv.BasicBlock
+    assert model.fused_resnet_report["left"]["layer2.0"] == "excluded by filter_fn"
+
+
+def test_sync_batchnorm_is_left_unfused():
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model("resnet18"))
+    fr.fuse_(model)
+    assert type(model.layer1[0]) is tv.BasicBlock
+    assert "SyncBatchNorm" in model.fused_resnet_report["left"]["layer1.0"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(zero_init_residual=True),
+                                    dict(replace_stride_with_dilation=[False, True, True])],
+                         ids=["zero_init_residual", "dilation"])
+def test_constructor_options(kwargs):
+    fused, plain, ref = _three(_model("resnet50", **kwargs))
+    x = torch.randn(2, 3, 64, 64)
+    for mode in ("train", "eval"):
+        for m in (fused, plain, ref):
+            m.train(mode == "train")
+        with torch.no_grad():
+            _assert_close_to_reference(f"{mode} logits", fused(x), plain(x), ref(x.double()))
+
+
+def test_channels_last_inference_mode_and_frozen_backbone():
+    model = _model("resnet50").eval()
+    fused = fr.fuse_(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    for p in fused.parameters():  # frozen backbone, trainable head
+        p.requires_grad_(False)
+    fused.fc.weight.requires_grad_(True)
+    fused(x).sum().backward()
+    assert fused.fc.weight.grad is not None
+
+
+def test_folded_weights_follow_parameter_updates():
+    """Eval after an optimizer step and after load_state_dict uses the new weights."""
+    model = _model("resnet18")
+    fused = fr.fuse_(copy.deepcopy(model)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = fused(x)
+        for p in fused.parameters():
+            p.add_(0.01)
+        after = fused(x)
+        model.load_state_dict(fused.state_dict())
+        torch.testing.assert_close(after, model.eval()(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before, after)

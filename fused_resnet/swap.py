@@ -8,7 +8,7 @@ from typing import Callable, Optional
 from torch import nn
 from torchvision.models import resnet as tv
 
-from fused_resnet.modules import FusedBasicBlock, FusedBottleneck
+from fused_resnet.modules import FusedBasicBlock, FusedBottleneck, FusedStem
 
 log = logging.getLogger("fused_resnet")
 
@@ -42,11 +42,31 @@ def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bo
     what was swapped and what was left (with the reason) is in
     model.fused_resnet_report = {"fused": [names], "left": {name: reason}}."""
     report = {"fused": [], "left": {}}
+    for fqn, module in model.named_modules():
+        if isinstance(module, tv.ResNet):
+            _fuse_stem(module, fqn, filter_fn, report)
     _fuse_children(model, "", filter_fn, report)
     setattr(model, REPORT_ATTRIBUTE, report)
     log.info("fused_resnet.fuse_: fused %d blocks, left %d", len(report["fused"]),
              len(report["left"]))
     return model
+
+
+def _fuse_stem(resnet: tv.ResNet, prefix: str, filter_fn, report) -> None:
+    """conv1 -> bn1 -> relu of a torchvision ResNet (reported under the name <prefix>conv1)."""
+    fqn = f"{prefix}.conv1" if prefix else "conv1"
+    if isinstance(resnet.conv1, FusedStem):
+        report["fused"].append(fqn)
+        return
+    if filter_fn is not None and not filter_fn(resnet.conv1, fqn):
+        report["left"][fqn] = "excluded by filter_fn"
+        return
+    if type(resnet.conv1) is not nn.Conv2d or type(resnet.bn1) is not nn.BatchNorm2d \
+            or not isinstance(resnet.relu, nn.ReLU) or type(resnet).forward is not tv.ResNet.forward:
+        report["left"][fqn] = "stem is not torchvision's conv1 -> BatchNorm2d -> ReLU"
+        return
+    resnet.conv1, resnet.bn1 = FusedStem.fuse(resnet.conv1, resnet.bn1)
+    report["fused"].append(fqn)
 
 
 def _fuse_children(module: nn.Module, prefix: str, filter_fn, report) -> None:
@@ -75,6 +95,8 @@ def unfuse_(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, (FusedBasicBlock, FusedBottleneck)):
             setattr(model, name, child.to_block())
+        elif isinstance(child, FusedStem):
+            model.conv1, model.bn1 = child.originals()
         else:
             unfuse_(child)
     if hasattr(model, REPORT_ATTRIBUTE):

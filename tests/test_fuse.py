@@ -146,7 +146,20 @@ def test_fuse_is_idempotent_and_reports():
     first = [type(m) for m in model.modules()]
     fr.fuse_(model)
     assert [type(m) for m in model.modules()] == first
-    assert len(model.fused_resnet_report["fused"]) == 8
+    assert len(model.fused_resnet_report["fused"]) == 9  # 8 blocks and the stem
+    assert "conv1" in model.fused_resnet_report["fused"]
+
+
+def test_stem_keeps_names_and_unfuses():
+    model = _model("resnet18")
+    conv1, bn1 = model.conv1, model.bn1
+    fr.fuse_(model)
+    assert isinstance(model.conv1, fr.modules.FusedStem)
+    assert isinstance(model.bn1, fr.modules.StemBatchNorm)
+    assert model.conv1.weight is conv1.weight and model.bn1.running_mean is bn1.running_mean
+    model.eval()
+    fr.unfuse_(model)
+    assert model.conv1 is conv1 and model.bn1 is bn1 and not bn1.training
 
 
 def test_filter_fn_selects_blocks():

@@ -2,3 +2,4 @@
 
 from fused_resnet.modules.blocks import FusedBasicBlock, FusedBottleneck  # noqa: F401
 from fused_resnet.modules.conv_bn_act import FusedConvBNAct, conv_bn_act  # noqa: F401
+from fused_resnet.modules.stem import FusedStem, StemBatchNorm  # noqa: F401

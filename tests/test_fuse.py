@@ -67,17 +67,18 @@ def _train_steps(models, steps=3):
 @pytest.mark.parametrize("name", CONSTRUCTORS)
 def test_training_composition_exact_in_float64(name):
     """The fused modules compose exactly what torchvision computes: in float64 (the torch
-    reference backend) logits, every parameter's gradient over three steps, running statistics
-    and num_batches_tracked agree to 1e-7 relative (float64 rounding amplified through up to
-    152 layers; a wrong term would be O(1))."""
+    reference backend) logits, running statistics and num_batches_tracked agree to 1e-7
+    relative and every parameter's gradient over three steps to 1e-8 normwise (float64
+    rounding amplified through up to 152 layers: single elements of resnet152's stem gradient
+    were seen 2e-7 off elementwise; a wrong term would be O(1))."""
     model = _model(name).double()
     fused, plain = fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model)
     with fr.backend.use("torch"):
         for step, ((logits, grads), (logits_p, grads_p)) in _train_steps([fused, plain]):
             torch.testing.assert_close(logits, logits_p, rtol=1e-7, atol=1e-9)
             for (pname, _), g, gp in zip(fused.named_parameters(), grads, grads_p):
-                torch.testing.assert_close(g, gp, rtol=1e-7, atol=1e-9,
-                                           msg=lambda m: f"step {step} grad {pname}: {m}")
+                err = _normwise(g, gp)
+                assert err <= 1e-8, f"step {step} grad {pname}: normwise difference {err:.2e}"
     for (bname, b), c in zip(fused.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-7, atol=1e-9, msg=lambda m: f"{bname}: {m}")
 
@@ -249,4 +250,28 @@ def test_autocast_bfloat16_matches_unfused(training):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, out_p = fused(x), plain(x)
         _assert_close_to_reference("autocast logits", out.float(), out_p.float(),
+                                   ref(x.double()))
+
+
+def test_torch_export_eval():
+    model = fr.fuse_(_model("resnet18")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("order", ["fuse_then_cast", "cast_then_fuse"])
+def test_low_precision_models(dtype, order):
+    """model.half() / .bfloat16() before or after fuse_: eval logits within 2x the unfused
+    model's own error in that dtype (vs float64)."""
+    model = _model("resnet18").eval()
+    ref = copy.deepcopy(model).double()
+    plain = copy.deepcopy(model).to(dtype)
+    fused = fr.fuse_(copy.deepcopy(model)).to(dtype) if order == "fuse_then_cast" \
+        else fr.fuse_(copy.deepcopy(model).to(dtype))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _assert_close_to_reference("logits", fused(x.to(dtype)), plain(x.to(dtype)),
                                    ref(x.double()))

@@ -8,11 +8,14 @@ from typing import Callable, Optional
 from torch import nn
 from torchvision.models import resnet as tv
 
-from fused_resnet.modules import FusedBasicBlock, FusedBottleneck, FusedStem
+from fused_resnet.models import PlainBlock
+from fused_resnet.modules import FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem
 
 log = logging.getLogger("fused_resnet")
 
-_FUSED_FOR = {tv.BasicBlock: FusedBasicBlock, tv.Bottleneck: FusedBottleneck}
+_FUSED_FOR = {tv.BasicBlock: FusedBasicBlock, tv.Bottleneck: FusedBottleneck,
+              PlainBlock: FusedPlainBlock}
+_FUSED_TYPES = tuple(_FUSED_FOR.values())
 REPORT_ATTRIBUTE = "fused_resnet_report"
 
 
@@ -29,7 +32,8 @@ def _why_not_fusable(block: nn.Module) -> Optional[str]:
                    f"left unfused to keep its cross-process statistics)"
         if name == "relu" and not isinstance(module, nn.ReLU):
             return f"relu is {type(module).__name__}"
-    if type(block).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward):
+    if type(block).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward,
+                                   PlainBlock.forward):
         return f"{type(block).__name__} overrides forward"
     return None
 
@@ -72,7 +76,7 @@ def _fuse_stem(resnet: tv.ResNet, prefix: str, filter_fn, report) -> None:
 def _fuse_children(module: nn.Module, prefix: str, filter_fn, report) -> None:
     for name, child in module.named_children():
         fqn = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, (FusedBasicBlock, FusedBottleneck)):
+        if isinstance(child, _FUSED_TYPES):
             report["fused"].append(fqn)  # already fused: idempotent
             continue
         fused_type = _FUSED_FOR.get(type(child))
@@ -93,7 +97,7 @@ def _fuse_children(module: nn.Module, prefix: str, filter_fn, report) -> None:
 def unfuse_(model: nn.Module) -> nn.Module:
     """Put the original torchvision blocks back (same parameters and buffers). In place."""
     for name, child in model.named_children():
-        if isinstance(child, (FusedBasicBlock, FusedBottleneck)):
+        if isinstance(child, _FUSED_TYPES):
             setattr(model, name, child.to_block())
         elif isinstance(child, FusedStem):
             model.conv1, model.bn1 = child.originals()

@@ -15,6 +15,11 @@ def tuned_choice(key, candidates: dict, timer=None):
     return _cache[key]
 
 
+def cached(key):
+    """The choice made earlier for key, or None."""
+    return _cache.get(key)
+
+
 def cuda_median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     """Median time of fn() on the current CUDA stream, in ms (events; warm-up first)."""
     for _ in range(warmup):

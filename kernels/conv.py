@@ -198,10 +198,10 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
 def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, launch):
     if x.device.type == "cpu":
         return INTERPRETER_CONFIG
-    if not tuning.can_measure():
-        return GPU_CONFIGS[0]
     key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
            padding, has_shortcut, stats)
+    if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice if any
+        return tuning.cached(key) or gpu_configs(x.shape[1])[0]
     return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg))
                                      for cfg in gpu_configs(x.shape[1])})
 

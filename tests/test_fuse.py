@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from torchvision.models import resnet as tv
+from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
 from fused_resnet.verify import compare
@@ -275,3 +276,71 @@ def test_low_precision_models(dtype, order):
     with torch.no_grad():
         _assert_close_to_reference("logits", fused(x.to(dtype)), plain(x.to(dtype)),
                                    ref(x.double()))
+
+
+# ---- the CIFAR zoo: residual (options A and B) and plain ----------------------------------------
+@pytest.mark.parametrize("shortcut, plain", [("A", False), ("B", False), ("A", True)],
+                         ids=["option_A", "option_B", "plain"])
+def test_cifar_models_fuse_exactly(shortcut, plain):
+    torch.manual_seed(0)
+    model = fr.models.cifar_resnet(20, shortcut=shortcut, plain=plain)
+    fused = fr.fuse_(copy.deepcopy(model).double())
+    assert not fused.fused_resnet_report["left"], fused.fused_resnet_report
+    assert len(fused.fused_resnet_report["fused"]) == 9  # 3 stages x 3 blocks
+    plain_model = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with fr.backend.use("torch"):
+        for mode in (True, False):
+            fused.train(mode), plain_model.train(mode)
+            torch.testing.assert_close(fused(x), plain_model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_cifar_model_sizes():
+    """ResNet-20 with option A has the paper's 0.27M parameters; option B adds the two
+    projections; plain nets have no shortcut at all."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    a, b = fr.models.cifar_resnet(20, "A"), fr.models.cifar_resnet(20, "B")
+    assert 0.26e6 < count(a) < 0.28e6
+    assert count(b) - count(a) == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+    plain = fr.models.cifar_resnet(20, plain=True)
+    assert not any(isinstance(m, BasicBlock) for m in plain.modules())
+    for depth in (32, 44, 56, 110):
+        assert fr.models.cifar_resnet(depth)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        fr.models.cifar_resnet(21)
+
+
+# ---- GPU (skipped without one) -------------------------------------------------------------------
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_models_cuda_low_precision(name, dtype, training):
+    """channels_last, autocast to bf16/fp16 on CUDA: logits vs the unfused model under the same
+    autocast, both vs the float64 model (2x the unfused model's own error)."""
+    fused, plain, ref = (m.cuda().train(training) for m in _three(_model(name)))
+    fused = fused.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=dtype):
+            out, out_p = fused(x), plain(x)
+        _assert_close_to_reference("logits", out.float(), out_p.float(), ref(x.double()))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_graph_capture_eval():
+    model = fr.fuse_(_model("resnet50")).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)  # also settles every measured choice before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected)

@@ -1,5 +1,6 @@
 """Drop-in fused modules for torchvision ResNet blocks (see fused_resnet.swap for fuse_)."""
 
-from fused_resnet.modules.blocks import FusedBasicBlock, FusedBottleneck  # noqa: F401
+from fused_resnet.modules.blocks import (  # noqa: F401
+    FusedBasicBlock, FusedBottleneck, FusedPlainBlock)
 from fused_resnet.modules.conv_bn_act import FusedConvBNAct, conv_bn_act  # noqa: F401
 from fused_resnet.modules.stem import FusedStem, StemBatchNorm  # noqa: F401

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
 
+from fused_resnet.models import PlainBlock
 from fused_resnet.modules.conv_bn_act import conv_bn_act, folded_weights
 
 ops = torch.ops.fused_resnet
@@ -36,7 +37,7 @@ class _FusedBlock(nn.Module):
                             f"{self.block_type.__name__}, got {type(block).__name__}")
         self.__dict__["_original"] = block
         for name in self.submodules + ("downsample",):
-            setattr(self, name, getattr(block, name))
+            setattr(self, name, getattr(block, name, None))
         self.stride = block.stride
         self.train(block.training)
         self._caches = {name: {} for name in ("1", "2", "3", "downsample")}
@@ -49,7 +50,8 @@ class _FusedBlock(nn.Module):
         """The original torchvision block, with this module's (shared) submodules and mode."""
         block = self._original
         for name in self.submodules + ("downsample",):
-            setattr(block, name, getattr(self, name))
+            if hasattr(block, name):
+                setattr(block, name, getattr(self, name))
         return block.train(self.training)
 
     def _identity(self, x: Tensor) -> Tensor:
@@ -71,6 +73,17 @@ class FusedBasicBlock(_FusedBlock):
         identity = self._identity(x)
         out = conv_bn_act(self.conv1, self.bn1, x, cache=self._caches["1"])
         return conv_bn_act(self.conv2, self.bn2, out, residual=identity, cache=self._caches["2"])
+
+
+class FusedPlainBlock(_FusedBlock):
+    """fused_resnet.models.PlainBlock: the BasicBlock without its shortcut."""
+
+    block_type = PlainBlock
+    submodules = ("conv1", "bn1", "relu", "conv2", "bn2")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act(self.conv1, self.bn1, x, cache=self._caches["1"])
+        return conv_bn_act(self.conv2, self.bn2, out, cache=self._caches["2"])
 
 
 class FusedBottleneck(_FusedBlock):

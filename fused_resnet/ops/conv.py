@@ -79,10 +79,12 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
                 groups) -> str:
     """The path to run: conv_path's answer, or on CUDA with the auto backend, the faster of
     the candidates for this op and shape, measured once and cached (like cudnn.benchmark)."""
-    if not _can_measure(input, weight, stride, padding, dilation, groups):
-        return conv_path(input, weight, stride, padding, dilation, groups)
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
+    if backend.requested() == "auto" and tuning.cached(key) is not None:
+        return tuning.cached(key)  # also during CUDA-graph capture, where nothing is measured
+    if not _can_measure(input, weight, stride, padding, dilation, groups):
+        return conv_path(input, weight, stride, padding, dilation, groups)
     return tuning.tuned_choice(key, candidates)
 
 
@@ -91,10 +93,12 @@ def _output_like(out: Tensor, input: Tensor) -> Tensor:
 
 
 def _affine(out_channels, scale, bias, like):
-    ones = torch.ones(out_channels, dtype=torch.float32, device=like.device)
-    zeros = torch.zeros(out_channels, dtype=torch.float32, device=like.device)
-    return (scale.float() if scale is not None else ones,
-            bias.float() if bias is not None else zeros)
+    """Per-channel scale and bias in the epilogue's arithmetic dtype (fp32; fp64 for fp64)."""
+    acc = layout.accumulate_dtype(like)
+    ones = torch.ones(out_channels, dtype=acc, device=like.device)
+    zeros = torch.zeros(out_channels, dtype=acc, device=like.device)
+    return (scale.to(acc) if scale is not None else ones,
+            bias.to(acc) if bias is not None else zeros)
 
 
 def _conv_out_shape(input, weight, stride, padding, dilation):

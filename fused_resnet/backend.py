@@ -113,11 +113,3 @@ def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     if device.type == "cuda" and why_not("triton", device.type) is None:
         return "triton"
     return "torch"
-
-
-def status() -> dict:
-    """Per backend and device type: usable or why not."""
-    return {
-        name: {dev: (why_not(name, dev) or "usable") for dev in ("cpu", "cuda")}
-        for name in BACKENDS
-    }

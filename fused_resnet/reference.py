@@ -65,6 +65,16 @@ def bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, traini
     return k, b, c, sum_dz_xmu * invstd, sum_dz.clone()
 
 
+def conv_epilogue(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """What the fused conv ops apply to a conv output z, in z's dtype: z*scale + bias per
+    output channel, + residual, then ReLU (relu(conv(x)*scale + bias + residual))."""
+    y = z * _per_channel(scale.to(z.dtype)) + _per_channel(bias.to(z.dtype))
+    if residual is not None:
+        y = y + residual.to(z.dtype)
+    return torch.relu(y) if relu else y
+
+
 def bn_stats(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance (fp32), and the scale/shift they give."""

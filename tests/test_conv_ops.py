@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fused_resnet as fr
 from conftest import cpu_backend_params
 from fused_resnet import backend, fold, tuning
+from fused_resnet.reference import conv_epilogue
 from fused_resnet.ops import conv as conv_ops
 from fused_resnet.verify import compare
 
@@ -38,13 +39,6 @@ def _args(cfg, dtype, channels_last=True):
     return x, w, [s, s], [p, p], [d, d], g
 
 
-def _epilogue(z, scale, bias, residual, relu):
-    y = z * scale.view(1, -1, 1, 1).to(z.dtype) + bias.view(1, -1, 1, 1).to(z.dtype)
-    if residual is not None:
-        y = y + residual.to(z.dtype)
-    return torch.relu(y) if relu else y
-
-
 @pytest.mark.parametrize("backend_name", cpu_backend_params())
 @pytest.mark.parametrize("cfg", CONVS, ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -64,7 +58,7 @@ def test_conv2d_epilogue(backend_name, cfg, dtype, channels_last):
 
     def reference(dt):
         z = F.conv2d(x.to(dt), w.to(dt), None, stride, padding, dilation, groups)
-        return _epilogue(z, scale, bias, residual.to(dt), True)
+        return conv_epilogue(z, scale, bias, residual.to(dt), True)
 
     c = compare("conv2d_epilogue", out, reference(torch.float64),
                 reference(torch.float32).to(dtype))
@@ -270,11 +264,11 @@ def test_resnet50_convs_cuda(backend_name, dtype, shape):
 
     def reference(dt):
         z = F.conv2d(x.to(dt), w.to(dt), None, s, p)
-        return _epilogue(z, scale, bias, residual.to(dt), True)
+        return conv_epilogue(z, scale, bias, residual.to(dt), True)
 
     # the same-dtype baseline: cuDNN in that dtype (fp32 accumulate), epilogue in fp32
-    torch_same = _epilogue(F.conv2d(x, w, None, s, p).float(), scale, bias, residual.float(),
-                           True).to(dtype)
+    torch_same = conv_epilogue(F.conv2d(x, w, None, s, p).float(), scale, bias,
+                               residual.float(), True).to(dtype)
     c = compare("conv2d_epilogue", out, reference(torch.float64), torch_same)
     assert c.ok, c
 
@@ -331,7 +325,7 @@ def test_conv2d_epilogue_gradients(backend_name, cfg):
 
     def reference(x, w, scale, bias, residual):
         z = F.conv2d(x, w, None, stride, padding, dilation, groups)
-        return _epilogue(z, scale, bias, residual, True)
+        return conv_epilogue(z, scale, bias, residual, True)
 
     with backend.use(backend_name):
         got = torch.autograd.grad(fused(*leaves), leaves, grad_out)

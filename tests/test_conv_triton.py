@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_resnet import backend
+from fused_resnet.reference import conv_epilogue
 from fused_resnet.verify import compare
 
 pytestmark = pytest.mark.skipif(backend.why_not("triton", "cpu") is not None,
@@ -34,13 +35,6 @@ def _inputs(n, cin, cout, k, hw, dtype):
     return x, w
 
 
-def _epilogue(z, scale, bias, residual, relu):
-    y = z * scale.view(1, -1, 1, 1).to(z.dtype) + bias.view(1, -1, 1, 1).to(z.dtype)
-    if residual is not None:
-        y = y + residual.to(z.dtype)
-    return torch.relu(y) if relu else y
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("cfg", CONVS, ids=_conv_ids)
 @pytest.mark.parametrize("epilogue", ["plain", "bn_relu", "bn_add_relu"])
@@ -62,7 +56,7 @@ def test_conv_epilogues_match_pytorch(cfg, dtype, epilogue):
         z = F.conv2d(xx, ww, stride=s, padding=p)
         if epilogue == "plain":
             return z
-        return _epilogue(z, scale, bias, rr, True)
+        return conv_epilogue(z, scale, bias, rr, True)
 
     ref64 = reference(x.double(), w.double(), residual.double() if residual is not None else None)
     # PyTorch in the same dtype (CPU half conv computes in fp32 internally: use fp32 math,

@@ -41,7 +41,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
         None if training else running_mean, None if training else running_var,
         training, eps, relu, _needs_grad(input, residual, weight, bias), batch_mean, batch_var)
     if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, mean, var, input, momentum,
+        update_running_stats(running_mean, running_var, mean, var, input, momentum,
                               num_batches_tracked)
     return out
 
@@ -86,7 +86,7 @@ def _check_arguments(input, residual, running_mean, running_var, weight, bias, t
     if not training and running_mean is None:
         raise RuntimeError("batch_norm_add_relu: running_mean must be defined in evaluation mode")
     if training:
-        _verify_batch_size(input)
+        verify_batch_size(input)
         if momentum is None and running_mean is not None and num_batches_tracked is None:
             raise ValueError("batch_norm_add_relu: momentum=None (cumulative average) needs "
                              "num_batches_tracked")
@@ -111,7 +111,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _verify_batch_size(input: Tensor) -> None:
+def verify_batch_size(input: Tensor) -> None:
     """The error F.batch_norm raises when a channel has a single value in training."""
     values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
     if values_per_channel == 1:
@@ -132,7 +132,7 @@ def _autocast_common_dtype(input: Tensor, residual: Optional[Tensor]):
     return input.to(common), residual.to(common)
 
 
-def _update_running_stats(running_mean, running_var, mean, var, input, momentum,
+def update_running_stats(running_mean, running_var, mean, var, input, momentum,
                           num_batches_tracked):
     """nn.BatchNorm2d's update, in fp32, stored in the buffers' own dtype."""
     with torch.no_grad():

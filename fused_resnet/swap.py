@@ -1,92 +1,127 @@
-"""Model surgery: fuse_(model) swaps torchvision ResNet blocks for fused ones in place;
-unfuse_(model) swaps them back. Parameters and buffers are shared, never copied, so
-state_dict keys and values are unchanged either way."""
+"""Model surgery: fuse_(model) swaps torchvision's (and timm's) ResNet blocks and stems for
+fused ones in place; unfuse_(model) swaps them back. Parameters and buffers are shared, never
+copied, so state_dict keys and values are unchanged either way."""
 
 import logging
+import sys
 from typing import Callable, Optional
 
 from torch import nn
 from torchvision.models import resnet as tv
 
 from fused_resnet.models import PlainBlock
-from fused_resnet.modules import FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem
+from fused_resnet.modules import (FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem,
+                                  StemBatchNorm)
+from fused_resnet.modules.blocks import FusedTimmBasicBlock, FusedTimmBottleneck, timm_resnet
 
 log = logging.getLogger("fused_resnet")
 
-_FUSED_FOR = {tv.BasicBlock: FusedBasicBlock, tv.Bottleneck: FusedBottleneck,
-              PlainBlock: FusedPlainBlock}
-_FUSED_TYPES = tuple(_FUSED_FOR.values())
+_FUSED_TYPES = (FusedBasicBlock, FusedBottleneck, FusedPlainBlock)
 REPORT_ATTRIBUTE = "fused_resnet_report"
 
 
-def _why_not_fusable(block: nn.Module) -> Optional[str]:
-    """None if the block is exactly what the fused block computes, else the reason."""
-    names = FusedBottleneck.submodules if isinstance(block, tv.Bottleneck) \
-        else FusedBasicBlock.submodules
-    for name in names:
-        module = getattr(block, name, None)
-        if name.startswith("conv") and type(module) is not nn.Conv2d:
-            return f"{name} is {type(module).__name__}, not nn.Conv2d"
-        if name.startswith("bn") and type(module) is not nn.BatchNorm2d:
-            return f"{name} is {type(module).__name__}, not nn.BatchNorm2d (SyncBatchNorm is " \
-                   f"left unfused to keep its cross-process statistics)"
-        if name == "relu" and not isinstance(module, nn.ReLU):
-            return f"relu is {type(module).__name__}"
-    if type(block).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward,
-                                   PlainBlock.forward):
-        return f"{type(block).__name__} overrides forward"
-    return None
+def _fused_for() -> dict:
+    """{original block type: fused type}. timm's blocks only when timm is already imported (a
+    model built by timm has imported it; fuse_ never imports timm itself)."""
+    table = {tv.BasicBlock: FusedBasicBlock, tv.Bottleneck: FusedBottleneck,
+             PlainBlock: FusedPlainBlock}
+    if "timm" in sys.modules and timm_resnet() is not None:
+        table[FusedTimmBasicBlock.block_type()] = FusedTimmBasicBlock
+        table[FusedTimmBottleneck.block_type()] = FusedTimmBottleneck
+    return table
 
 
 def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
           ) -> nn.Module:
-    """Replace, in place, every torchvision BasicBlock / Bottleneck in `model` (for which
-    filter_fn(module, fully_qualified_name) is true, if given) with its fused counterpart.
-    Idempotent; keeps weights, buffers, train/eval mode, device and dtype. Returns `model`;
-    what was swapped and what was left (with the reason) is in
+    """Replace, in place, every torchvision / timm BasicBlock and Bottleneck and every ResNet
+    stem in `model` (for which filter_fn(module, fully_qualified_name) is true, if given) with
+    its fused counterpart. Idempotent; keeps weights, buffers, train/eval mode, device and
+    dtype. Returns `model`; what was swapped and what was left (with the reason) is in
     model.fused_resnet_report = {"fused": [names], "left": {name: reason}}."""
     report = {"fused": [], "left": {}}
-    for fqn, module in model.named_modules():
-        if isinstance(module, tv.ResNet):
-            _fuse_stem(module, fqn, filter_fn, report)
-    _fuse_children(model, "", filter_fn, report)
+    for fqn, module in list(model.named_modules()):
+        _fuse_stem(module, fqn, filter_fn, report)
+    _fuse_children(model, "", _fused_for(), filter_fn, report)
     setattr(model, REPORT_ATTRIBUTE, report)
-    log.info("fused_resnet.fuse_: fused %d blocks, left %d", len(report["fused"]),
-             len(report["left"]))
+    log.info("fused_resnet.fuse_: fused %d blocks, left %d: %s", len(report["fused"]),
+             len(report["left"]), report["left"])
     return model
 
 
-def _fuse_stem(resnet: tv.ResNet, prefix: str, filter_fn, report) -> None:
-    """conv1 -> bn1 -> relu of a torchvision ResNet (reported under the name <prefix>conv1)."""
+def _stem_activation(resnet: nn.Module) -> Optional[str]:
+    """The name of the stem's ReLU if `resnet` is a torchvision or timm ResNet whose forward
+    runs conv1 -> bn1 -> that activation, else None."""
+    if isinstance(resnet, tv.ResNet):
+        return "relu" if type(resnet).forward is tv.ResNet.forward else ""
+    timm = timm_resnet() if "timm" in sys.modules else None
+    if timm is not None and isinstance(resnet, timm.ResNet):
+        same = type(resnet).forward_features is timm.ResNet.forward_features
+        return "act1" if same else ""
+    return None
+
+
+def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report) -> None:
+    """conv1 -> bn1 -> relu/act1 of a ResNet, reported under the conv's name. timm's deep stems
+    (conv1 = Sequential(conv, bn, relu, conv, bn, relu, conv)) fuse each triple inside and
+    their last conv with bn1."""
+    act = _stem_activation(resnet)
+    if act is None:
+        return
     fqn = f"{prefix}.conv1" if prefix else "conv1"
-    if isinstance(resnet.conv1, FusedStem):
+    if not act:
+        report["left"][fqn] = f"{type(resnet).__name__} overrides forward"
+        return
+    if type(resnet.conv1) is nn.Sequential:
+        _fuse_sequential_stem(resnet.conv1, fqn, filter_fn, report)
+        owner, name = resnet.conv1, str(len(resnet.conv1) - 1)
+        fqn = f"{fqn}.{name}"
+    else:
+        owner, name = resnet, "conv1"
+    _fuse_triple(owner, name, resnet, "bn1", getattr(resnet, act), fqn, filter_fn, report)
+
+
+def _fuse_sequential_stem(stem: nn.Sequential, prefix: str, filter_fn, report) -> None:
+    for i in range(len(stem) - 2):
+        _fuse_triple(stem, str(i), stem, str(i + 1), stem[i + 2], f"{prefix}.{i}", filter_fn,
+                     report, quiet=True)
+
+
+def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, report,
+                 quiet=False) -> None:
+    """Fuse conv_owner.<conv_name> -> bn_owner.<bn_name> -> act if they are exactly
+    Conv2d -> BatchNorm2d -> ReLU (quiet: say nothing when they are not a triple at all)."""
+    conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
+    if isinstance(conv, FusedStem):
         report["fused"].append(fqn)
         return
-    if filter_fn is not None and not filter_fn(resnet.conv1, fqn):
+    exact = type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU
+    if not exact:
+        if not quiet:
+            report["left"][fqn] = "stem is not conv -> BatchNorm2d -> ReLU"
+        return
+    if filter_fn is not None and not filter_fn(conv, fqn):
         report["left"][fqn] = "excluded by filter_fn"
         return
-    if type(resnet.conv1) is not nn.Conv2d or type(resnet.bn1) is not nn.BatchNorm2d \
-            or not isinstance(resnet.relu, nn.ReLU) or type(resnet).forward is not tv.ResNet.forward:
-        report["left"][fqn] = "stem is not torchvision's conv1 -> BatchNorm2d -> ReLU"
-        return
-    resnet.conv1, resnet.bn1 = FusedStem.fuse(resnet.conv1, resnet.bn1)
+    stem, stem_bn = FusedStem.fuse(conv, bn)
+    setattr(conv_owner, conv_name, stem)
+    setattr(bn_owner, bn_name, stem_bn)
     report["fused"].append(fqn)
 
 
-def _fuse_children(module: nn.Module, prefix: str, filter_fn, report) -> None:
+def _fuse_children(module: nn.Module, prefix: str, table: dict, filter_fn, report) -> None:
     for name, child in module.named_children():
         fqn = f"{prefix}.{name}" if prefix else name
         if isinstance(child, _FUSED_TYPES):
             report["fused"].append(fqn)  # already fused: idempotent
             continue
-        fused_type = _FUSED_FOR.get(type(child))
+        fused_type = table.get(type(child))
         if fused_type is None:
-            _fuse_children(child, fqn, filter_fn, report)
+            _fuse_children(child, fqn, table, filter_fn, report)
             continue
         if filter_fn is not None and not filter_fn(child, fqn):
             report["left"][fqn] = "excluded by filter_fn"
             continue
-        reason = _why_not_fusable(child)
+        reason = fused_type.why_not(child)
         if reason:
             report["left"][fqn] = reason
             continue
@@ -95,12 +130,12 @@ def _fuse_children(module: nn.Module, prefix: str, filter_fn, report) -> None:
 
 
 def unfuse_(model: nn.Module) -> nn.Module:
-    """Put the original torchvision blocks back (same parameters and buffers). In place."""
+    """Put the original blocks and stem modules back (same parameters and buffers). In place."""
     for name, child in model.named_children():
         if isinstance(child, _FUSED_TYPES):
             setattr(model, name, child.to_block())
-        elif isinstance(child, FusedStem):
-            model.conv1, model.bn1 = child.originals()
+        elif isinstance(child, (FusedStem, StemBatchNorm)):
+            setattr(model, name, child.original())
         else:
             unfuse_(child)
     if hasattr(model, REPORT_ATTRIBUTE):

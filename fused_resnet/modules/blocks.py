@@ -1,7 +1,7 @@
-"""FusedBasicBlock and FusedBottleneck: torchvision's residual blocks with the same submodules
-(shared, not copied: same parameters, buffers and state_dict keys), computed through the fused
-ops. `from_block` builds one from a torchvision block; `to_block` gives the original block
-back."""
+"""Fused residual blocks: torchvision's (and timm's) BasicBlock and Bottleneck with the same
+submodules (shared, not copied: same parameters, buffers and state_dict keys), computed through
+the fused ops. `from_block` builds one from the original block; `to_block` gives it back;
+`why_not(block)` says why a block can't be expressed exactly (None if it can)."""
 
 from typing import Optional
 
@@ -10,33 +10,86 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv
 
 from fused_resnet.models import PlainBlock
-from fused_resnet.modules.conv_bn_act import conv_bn_act, folded_weights
+from fused_resnet.modules.conv_bn_act import conv_bn_act, conv_bn_relu_chain, folded_weights
 
 ops = torch.ops.fused_resnet
 
 
-def _standard_downsample(downsample: Optional[nn.Module]):
-    """(conv, bn) if downsample is torchvision's Sequential(1x1 conv, BatchNorm2d), else None."""
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 \
-            and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], nn.BatchNorm2d):
-        return downsample[0], downsample[1]
-    return None
+def timm_resnet():
+    """timm.models.resnet, or None when timm is not installed (imported only when asked)."""
+    try:
+        from timm.models import resnet
+    except ImportError:
+        return None
+    return resnet
+
+
+def downsample_parts(downsample: Optional[nn.Module]):
+    """(pool, conv, bn) when downsample is Sequential([pool,] conv, BatchNorm2d) with pool an
+    AvgPool2d (timm's avg_down, 'd' variants) or Identity (pool None then); else None."""
+    if type(downsample) is not nn.Sequential or len(downsample) not in (2, 3):
+        return None
+    *pool, conv, bn = downsample
+    pool = pool[0] if pool else None
+    if type(pool) is nn.Identity:
+        pool = None
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d \
+            or (pool is not None and type(pool) is not nn.AvgPool2d):
+        return None
+    return pool, conv, bn
 
 
 class _FusedBlock(nn.Module):
     """Shared machinery: keeps the original block (unregistered, so the state_dict has no
-    duplicate keys) and registers its submodules under their own names."""
+    duplicate keys) and registers its submodules under their own names.
 
-    block_type: type = nn.Module
-    submodules: tuple = ()
+    Subclasses name what they reproduce: `convs_bns` (the conv and BN attributes),
+    `activations` (ReLUs), `identities` (attributes that must be nn.Identity, e.g. timm's
+    drop_block / aa) and `absent` (attributes that must be None, e.g. timm's se / drop_path)."""
+
+    convs_bns: tuple = ()
+    activations: tuple = ()
+    identities: tuple = ()
+    absent: tuple = ()
+
+    @classmethod
+    def block_type(cls) -> type:
+        raise NotImplementedError
+
+    @classmethod
+    def _names(cls) -> tuple:
+        return cls.convs_bns + cls.activations + cls.identities + cls.absent + ("downsample",)
+
+    @classmethod
+    def why_not(cls, block: nn.Module) -> Optional[str]:
+        """None if the fused block computes exactly what `block` does, else the reason."""
+        for name in cls.convs_bns:
+            module = getattr(block, name, None)
+            if name.startswith("conv") and type(module) is not nn.Conv2d:
+                return f"{name} is {type(module).__name__}, not nn.Conv2d"
+            if name.startswith("bn") and type(module) is not nn.BatchNorm2d:
+                return f"{name} is {type(module).__name__}, not nn.BatchNorm2d (SyncBatchNorm " \
+                       f"is left unfused to keep its cross-process statistics)"
+        for name in cls.activations:
+            if type(getattr(block, name, None)) is not nn.ReLU:
+                return f"{name} is {type(getattr(block, name, None)).__name__}, not nn.ReLU"
+        for name in cls.identities:
+            if type(getattr(block, name, None)) is not nn.Identity:
+                return f"{name} is {type(getattr(block, name)).__name__} (not expressible)"
+        for name in cls.absent:
+            if getattr(block, name, None) is not None:
+                return f"has {name} ({type(getattr(block, name)).__name__}), not expressible"
+        if type(block).forward is not cls.block_type().forward:
+            return f"{type(block).__name__} overrides forward"
+        return None
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        if not isinstance(block, self.block_type):
+        if not isinstance(block, self.block_type()):
             raise TypeError(f"{type(self).__name__}.from_block expects a "
-                            f"{self.block_type.__name__}, got {type(block).__name__}")
+                            f"{self.block_type().__name__}, got {type(block).__name__}")
         self.__dict__["_original"] = block
-        for name in self.submodules + ("downsample",):
+        for name in self._names():
             setattr(self, name, getattr(block, name, None))
         self.stride = block.stride
         self.train(block.training)
@@ -47,9 +100,9 @@ class _FusedBlock(nn.Module):
         return cls(block)
 
     def to_block(self) -> nn.Module:
-        """The original torchvision block, with this module's (shared) submodules and mode."""
+        """The original block, with this module's (shared) submodules and mode."""
         block = self._original
-        for name in self.submodules + ("downsample",):
+        for name in self._names():
             if hasattr(block, name):
                 setattr(block, name, getattr(self, name))
         return block.train(self.training)
@@ -57,62 +110,81 @@ class _FusedBlock(nn.Module):
     def _identity(self, x: Tensor) -> Tensor:
         if self.downsample is None:
             return x
-        pair = _standard_downsample(self.downsample)
-        if pair is None:
+        parts = downsample_parts(self.downsample)
+        if parts is None:  # e.g. the zero-padding shortcut: computed by its own module
             return self.downsample(x)
-        return conv_bn_act(pair[0], pair[1], x, relu=False, cache=self._caches["downsample"])
+        pool, conv, bn = parts
+        if pool is not None:
+            x = pool(x)
+        return conv_bn_act(conv, bn, x, relu=False, cache=self._caches["downsample"])
+
+    def _steps(self, count: int) -> list:
+        """[(conv_i, bn_i, fold cache_i)] for i = 1..count, for conv_bn_relu_chain."""
+        return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), self._caches[str(i)])
+                for i in range(1, count + 1)]
 
 
 class FusedBasicBlock(_FusedBlock):
     """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)."""
 
-    block_type = tv.BasicBlock
-    submodules = ("conv1", "bn1", "relu", "conv2", "bn2")
+    convs_bns = ("conv1", "bn1", "conv2", "bn2")
+    activations = ("relu",)
+
+    @classmethod
+    def block_type(cls):
+        return tv.BasicBlock
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = self._identity(x)
-        out = conv_bn_act(self.conv1, self.bn1, x, cache=self._caches["1"])
-        return conv_bn_act(self.conv2, self.bn2, out, residual=identity, cache=self._caches["2"])
+        return conv_bn_relu_chain(self._steps(2), x, residual=self._identity(x))
 
 
 class FusedPlainBlock(_FusedBlock):
     """fused_resnet.models.PlainBlock: the BasicBlock without its shortcut."""
 
-    block_type = PlainBlock
-    submodules = ("conv1", "bn1", "relu", "conv2", "bn2")
+    convs_bns = ("conv1", "bn1", "conv2", "bn2")
+    activations = ("relu",)
+
+    @classmethod
+    def block_type(cls):
+        return PlainBlock
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, cache=self._caches["1"])
-        return conv_bn_act(self.conv2, self.bn2, out, cache=self._caches["2"])
+        return conv_bn_relu_chain(self._steps(2), x)
 
 
 class FusedBottleneck(_FusedBlock):
     """torchvision Bottleneck (ResNet-50/101/152, wide, ResNeXt): 1x1 -> 3x3 -> 1x1 + identity.
     In eval mode a projection shortcut (1x1 conv + BN) is fused with conv3 into one GEMM."""
 
-    block_type = tv.Bottleneck
-    submodules = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu")
+    convs_bns = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    activations = ("relu",)
+
+    @classmethod
+    def block_type(cls):
+        return tv.Bottleneck
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, cache=self._caches["1"])
-        out = conv_bn_act(self.conv2, self.bn2, out, cache=self._caches["2"])
+        if self.bn3.training:
+            return conv_bn_relu_chain(self._steps(3), x, residual=self._identity(x))
+        out = conv_bn_relu_chain(self._steps(2), x)
         if self._can_fuse_projection(out, x):
             return self._conv3_with_projection(out, x)
         identity = self._identity(x)
         return conv_bn_act(self.conv3, self.bn3, out, residual=identity, cache=self._caches["3"])
 
     def _can_fuse_projection(self, out: Tensor, x: Tensor) -> bool:
-        pair = _standard_downsample(self.downsample)
-        if pair is None or self.bn3.training or pair[1].training:
+        parts = downsample_parts(self.downsample)
+        if parts is None or self.bn3.training or parts[2].training:
             return False
-        conv_d, conv3 = pair[0], self.conv3
+        _, conv_d, bn_d = parts
+        conv3 = self.conv3
         return (conv3.kernel_size == (1, 1) and conv3.stride == (1, 1) and conv3.groups == 1
                 and conv3.bias is None and conv_d.kernel_size == (1, 1) and conv_d.groups == 1
                 and conv_d.bias is None and conv_d.stride[0] == conv_d.stride[1]
                 and conv_d.padding == (0, 0) and self.bn3.running_mean is not None
-                and pair[1].running_mean is not None
+                and bn_d.running_mean is not None
                 and not torch.is_autocast_enabled(out.device.type)
-                and not self._needs_grad(out, x, conv_d, pair[1]))
+                and not self._needs_grad(out, x, conv_d, bn_d))
 
     def _needs_grad(self, out, x, conv_d, bn_d) -> bool:
         """The one-GEMM projection op is inference-only (no autograd formula)."""
@@ -123,8 +195,43 @@ class FusedBottleneck(_FusedBlock):
         return any(t is not None and t.requires_grad for t in tensors)
 
     def _conv3_with_projection(self, out: Tensor, x: Tensor) -> Tensor:
-        conv_d, bn_d = _standard_downsample(self.downsample)
+        pool, conv_d, bn_d = downsample_parts(self.downsample)
+        if pool is not None:  # timm's avg_down: pool, then the 1x1 projection
+            x = pool(x)
         w3, b3 = folded_weights(self.conv3, self.bn3, self._caches["3"])
         wd, bd = folded_weights(conv_d, bn_d, self._caches["downsample"])
         return ops.conv2d_dual_epilogue(out, w3.to(out.dtype), [1, 1], [0, 0], x.to(out.dtype),
                                         wd.to(out.dtype), conv_d.stride[0], b3 + bd, True)
+
+
+def _timm_block(name: str) -> type:
+    resnet = timm_resnet()
+    if resnet is None:
+        raise ImportError(f"fused_resnet: timm is not installed, so there is no timm {name}")
+    return getattr(resnet, name)
+
+
+class FusedTimmBasicBlock(FusedBasicBlock):
+    """timm's BasicBlock (resnet18/34 and their d/t variants) without attention, drop-block,
+    drop-path or anti-aliasing: the same computation as torchvision's, other names."""
+
+    activations = ("act1", "act2")
+    identities = ("drop_block", "aa")
+    absent = ("se", "drop_path")
+
+    @classmethod
+    def block_type(cls):
+        return _timm_block("BasicBlock")
+
+
+class FusedTimmBottleneck(FusedBottleneck):
+    """timm's Bottleneck (resnet26/50/101/152 and d/t variants, avg-pool downsample included)
+    without attention, drop-block, drop-path or anti-aliasing."""
+
+    activations = ("act1", "act2", "act3")
+    identities = ("drop_block", "aa")
+    absent = ("se", "drop_path")
+
+    @classmethod
+    def block_type(cls):
+        return _timm_block("Bottleneck")

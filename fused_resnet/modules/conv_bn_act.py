@@ -1,15 +1,18 @@
-"""conv -> BatchNorm (-> + residual) (-> ReLU) with a module pair's own parameters and buffers,
-through the fused ops:
+"""conv -> BatchNorm (-> + residual) (-> ReLU) with the modules' own parameters and buffers,
+through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLUs
+(conv_bn_relu_chain: a residual block's branch):
 
 - training (or BN without running stats): conv2d_bn_stats (BN statistics in the conv
-  epilogue) then batch_norm_add_relu with those statistics; running stats and
-  num_batches_tracked updated exactly as nn.BatchNorm2d.
+  epilogue); inside a chain, each next conv takes the previous raw conv output and applies
+  that BN + ReLU itself (bn_relu_conv2d_bn_stats, which keeps the conv output for backward but
+  never the activation); the last BN runs batch_norm_add_relu with its statistics. Running
+  stats and num_batches_tracked updated exactly as nn.BatchNorm2d.
 - eval: BN folded into the conv weights (fp32 math), conv2d_epilogue with the shift, the
   residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
   parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,30 +60,86 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, cache: Optional[dict]):
     return cache["value"]
 
 
+def _trains(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+class _Pending(NamedTuple):
+    """A training BN whose statistics are known but whose relu(bn(z)) is not materialised."""
+    z: Tensor
+    mean: Tensor
+    var: Tensor
+    bn: nn.BatchNorm2d
+
+
+def _with_conv_bias(conv: nn.Conv2d, z: Tensor, mean: Tensor):
+    """A conv bias shifts the output and its batch mean, not the variance."""
+    if conv.bias is None:
+        return z, mean
+    return z + conv.bias.to(z.dtype).view(1, -1, 1, 1), mean + conv.bias.to(mean.dtype)
+
+
+def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d) -> _Pending:
+    """conv(x) and its batch statistics; x is a Tensor or a _Pending (the previous BN + ReLU
+    applied on the way in). Updates bn's running statistics."""
+    stride, padding, dilation, groups = _conv_args(conv)
+    if isinstance(x, _Pending):
+        z_in, weight = _autocast(x.z, conv.weight)
+        p = x.bn
+        z, mean, var = ops.bn_relu_conv2d_bn_stats(z_in, p.weight, p.bias, x.mean, x.var, p.eps,
+                                                   weight, stride, padding, dilation, groups)
+    else:
+        x, weight = _autocast(x, conv.weight)
+        z, mean, var = ops.conv2d_bn_stats(x, weight, stride, padding, dilation, groups)
+    z, mean = _with_conv_bias(conv, z, mean)
+    functional.verify_batch_size(z)
+    if bn.running_mean is not None:
+        functional.update_running_stats(bn.running_mean, bn.running_var, mean, var, z,
+                                        bn.momentum, bn.num_batches_tracked)
+    return _Pending(z, mean, var, bn)
+
+
+def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """relu(bn(z) + residual) with the batch statistics (running stats already updated)."""
+    z, bn = pending.z, pending.bn
+    if residual is not None and residual.dtype != z.dtype:
+        residual = residual.to(z.dtype)
+    return functional.batch_norm_add_relu(
+        z, residual, None, None, bn.weight, bn.bias, training=True, eps=bn.eps, relu=relu,
+        batch_mean=pending.mean, batch_var=pending.var)
+
+
+def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = None,
+                       relu: bool = True) -> Tensor:
+    """relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) for steps =
+    [(conv_i, bn_i, fold cache_i)], ReLU between the steps always, at the end if `relu`.
+    Training BNs pass their statistics along instead of their activation (see the module
+    docstring); eval BNs and unsupported convs go one pair at a time."""
+    pending = None
+    for i, (conv, bn, cache) in enumerate(steps):
+        last = i == len(steps) - 1
+        if _trains(bn) and _conv_args(conv) is not None:
+            pending = _conv_with_stats(conv, pending if pending is not None else x, bn)
+            continue
+        if pending is not None:
+            x, pending = _finish(pending, None, True), None
+        x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache)
+    return x if pending is None else _finish(pending, residual, relu)
+
+
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, cache: Optional[dict] = None) -> Tensor:
     """relu(bn(conv(x)) + residual) (ReLU and residual optional) with conv's and bn's own
     parameters and buffers, nn.BatchNorm2d semantics in train and eval."""
     args = _conv_args(conv)
-    training = bn.training or bn.running_mean is None
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
             conv(x), residual, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-            training=training, momentum=bn.momentum, eps=bn.eps, relu=relu,
+            training=_trains(bn), momentum=bn.momentum, eps=bn.eps, relu=relu,
             num_batches_tracked=bn.num_batches_tracked)
+    if _trains(bn):
+        return _finish(_conv_with_stats(conv, x, bn), residual, relu)
     stride, padding, dilation, groups = args
-    if training:
-        x, weight = _autocast(x, conv.weight)
-        z, mean, var = ops.conv2d_bn_stats(x, weight, stride, padding, dilation, groups)
-        if conv.bias is not None:  # a conv bias shifts the batch mean, not the variance
-            z = z + conv.bias.to(z.dtype).view(1, -1, 1, 1)
-            mean = mean + conv.bias.float()
-        if residual is not None and residual.dtype != z.dtype:
-            residual = residual.to(z.dtype)
-        return functional.batch_norm_add_relu(
-            z, residual, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True,
-            momentum=bn.momentum, eps=bn.eps, relu=relu,
-            num_batches_tracked=bn.num_batches_tracked, batch_mean=mean, batch_var=var)
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)
     if weight.dtype != x.dtype:

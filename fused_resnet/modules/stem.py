@@ -1,7 +1,8 @@
-"""The ResNet stem conv1 -> bn1 -> relu as one fused step, keeping torchvision's module names
-and state_dict keys: `conv1` becomes a FusedStem (a Conv2d sharing the original's weight) that
-computes relu(bn1(conv1(x))); `bn1` becomes a StemBatchNorm (a BatchNorm2d sharing the
-original's parameters and buffers) that passes its input through. ResNet's own relu is left in
+"""A stem conv -> bn -> relu (torchvision's conv1/bn1/relu, timm's conv1/bn1/act1 and the
+conv/BN/ReLU triples of timm's deep stems) as one fused step, keeping the module names and
+state_dict keys: the conv becomes a FusedStem (a Conv2d sharing the original's weight) that
+computes relu(bn(conv(x))); the bn becomes a StemBatchNorm (a BatchNorm2d sharing the
+original's parameters and buffers) that passes its input through. The ReLU module is left in
 place (relu of a ReLU output is the same tensor values and the same gradient)."""
 
 from torch import Tensor, nn
@@ -24,6 +25,10 @@ class StemBatchNorm(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
+    def original(self) -> nn.BatchNorm2d:
+        """The original BatchNorm2d, with the current train/eval mode."""
+        return self._original.train(self.training)
+
 
 class FusedStem(nn.Conv2d):
     """conv1 of a fused stem: relu(bn1(conv1(x))) through the fused conv ops."""
@@ -32,15 +37,15 @@ class FusedStem(nn.Conv2d):
     def fuse(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         """(FusedStem, StemBatchNorm) to put in place of (conv, bn)."""
         stem, stem_bn = _share(cls, conv), _share(StemBatchNorm, bn)
-        stem.__dict__["_stem_bn"] = stem_bn  # not registered: it lives at model.bn1
-        stem.__dict__["_originals"] = (conv, bn)
+        stem.__dict__["_stem_bn"] = stem_bn  # not registered: it lives where bn was
+        stem.__dict__["_original"] = conv
+        stem_bn.__dict__["_original"] = bn
         stem.__dict__["_fold_cache"] = {}
         return stem, stem_bn
 
     def forward(self, x: Tensor) -> Tensor:
         return conv_bn_act(self, self._stem_bn, x, relu=True, cache=self._fold_cache)
 
-    def originals(self):
-        """The original (conv, bn) modules, with the current train/eval mode."""
-        conv, bn = self._originals
-        return conv.train(self.training), bn.train(self._stem_bn.training)
+    def original(self) -> nn.Conv2d:
+        """The original Conv2d, with the current train/eval mode."""
+        return self._original.train(self.training)

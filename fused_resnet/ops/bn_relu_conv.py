@@ -1,0 +1,80 @@
+"""The op that joins two convs of a residual block in training, without keeping the activation
+between them:
+
+    bn_relu_conv2d_bn_stats(input, bn_weight?, bn_bias?, mean, var, eps, weight, stride,
+                            padding, dilation, groups) -> (z, z_mean, z_var)
+
+        a = relu(batch_norm(input; mean, var, bn_weight, bn_bias))    (the previous conv's BN)
+        z, z_mean, z_var = conv2d_bn_stats(a, weight, ...)            (this conv + its stats)
+
+`mean`/`var` are the batch statistics of `input` (conv2d_bn_stats gave them). Autograd keeps
+`input` (the previous conv's raw output) and the per-channel statistics, not `a`: backward
+recomputes `a` and the ReLU mask in one elementwise pass, runs the conv backward on them, then
+the fused training-BN backward (which differentiates through the batch statistics, as
+bn_add_relu does). Eager keeps both the conv output and the activation; this keeps one.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import layout, reference
+from fused_resnet.ops.bn_add_relu import _run, bn_add_relu_backward
+
+ops = torch.ops.fused_resnet
+
+
+def _activation(input, bn_weight, bn_bias, mean, var, eps, save_mask):
+    """relu(bn(input)) with the given statistics, and its packed ReLU mask if save_mask."""
+    acc = layout.accumulate_dtype(input)
+    scale, shift = reference.bn_scale_shift(mean.to(acc), var.to(acc), bn_weight, bn_bias, eps)
+    return _run("bn_add_relu_apply", input, input, None, scale, shift, True, save_mask)
+
+
+@torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
+def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                            mean: Tensor, var: Tensor, eps: float, weight: Tensor,
+                            stride: list[int], padding: list[int], dilation: list[int],
+                            groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    activation, _ = _activation(input, bn_weight, bn_bias, mean, var, eps, False)
+    return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+
+
+@bn_relu_conv2d_bn_stats.register_fake
+def _(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups):
+    activation = layout.empty_like_kernel(input)
+    return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+
+
+def _setup_context(ctx, inputs, output):
+    input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, bn_weight, bn_bias, mean, var, weight)
+    ctx.eps, ctx.conv_args = eps, (stride, padding, dilation, groups)
+    ctx.param_dtypes = tuple(p.dtype if p is not None else None for p in (bn_weight, bn_bias))
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_z, _grad_mean, _grad_var):
+    input, bn_weight, bn_bias, mean, var, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need_input, need_bn_weight, need_bn_bias = ctx.needs_input_grad[:3]
+    need_weight = ctx.needs_input_grad[6]
+    need_bn = need_input or need_bn_weight or need_bn_bias
+    activation, mask = _activation(input, bn_weight, bn_bias, mean, var, ctx.eps, True)
+    grad_activation, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, activation, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [need_bn, need_weight, False])
+    del activation  # only the conv's weight gradient needed it
+    grad_input = grad_bn_weight = grad_bn_bias = None
+    if need_bn:
+        grad_input, _, grad_bn_weight, grad_bn_bias = bn_add_relu_backward(
+            grad_activation, input, mask, mean, var, bn_weight, True, ctx.eps, True, False,
+            need_bn_weight or need_bn_bias)
+    return (grad_input if need_input else None,
+            grad_bn_weight.to(ctx.param_dtypes[0]) if need_bn_weight else None,
+            grad_bn_bias.to(ctx.param_dtypes[1]) if need_bn_bias else None,
+            None, None, None, grad_weight if need_weight else None, None, None, None, None)
+
+
+bn_relu_conv2d_bn_stats.register_autograd(_backward, setup_context=_setup_context)

@@ -500,3 +500,40 @@ def test_cuda_graph_capture_eval():
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected)
+
+
+# ---- FusedConvBNAct -----------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+def test_fused_conv_bn_act_from_block(training, relu):
+    """From torchvision's Conv2dNormActivation (and back): outputs, input and parameter
+    gradients and running statistics vs the block itself, in float64 on the torch backend."""
+    torch.manual_seed(0)
+    block = torchvision.ops.Conv2dNormActivation(
+        8, 16, 3, stride=2, activation_layer=torch.nn.ReLU if relu else None).double()
+    block.train(training)
+    source = copy.deepcopy(block)
+    fused = fr.FusedConvBNAct.from_block(source)
+    assert fused.conv is source[0] and fused.bn is source[1] and fused.training == training
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with fr.backend.use("torch"):
+        out = fused(x)
+    want = block(x)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g, = torch.autograd.grad(out.sum(), x)
+    gw, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g, gw, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(fused.bn.running_mean, block[1].running_mean)
+    with fr.backend.use("torch"), torch.no_grad():  # the residual argument
+        plain_sum = block[1](block[0](x)) + residual
+        expected = torch.relu(plain_sum) if relu else plain_sum
+        torch.testing.assert_close(fused(x, residual), expected, rtol=1e-10, atol=1e-10)
+    assert fused.to_block() is source
+
+
+def test_fused_conv_bn_act_rejects_other_modules():
+    with pytest.raises(TypeError, match="Sequential\\(Conv2d, BatchNorm2d"):
+        fr.FusedConvBNAct.from_block(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)))
+    with pytest.raises(TypeError, match="nn.BatchNorm2d"):
+        fr.FusedConvBNAct(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4))

@@ -151,13 +151,39 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
 
 
 class FusedConvBNAct(nn.Module):
-    """conv -> bn (-> ReLU) as one fused step; holds the given modules under the names conv and
-    bn (their parameters are shared, not copied)."""
+    """conv -> bn (-> + residual) (-> ReLU) as one fused step; holds the given modules under the
+    names conv and bn (their parameters are shared, not copied)."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
         super().__init__()
+        if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d) \
+                or isinstance(bn, nn.SyncBatchNorm):
+            raise TypeError(f"FusedConvBNAct: expected nn.Conv2d and nn.BatchNorm2d, got "
+                            f"{type(conv).__name__} and {type(bn).__name__}")
         self.conv, self.bn, self.relu = conv, bn, relu
         self._fold_cache: dict = {}
+        self.__dict__["_original"] = None
+
+    @classmethod
+    def from_block(cls, block: nn.Sequential) -> "FusedConvBNAct":
+        """From Sequential(Conv2d, BatchNorm2d[, ReLU]) (e.g. torchvision's
+        Conv2dNormActivation). Its state_dict keys are conv.* / bn.*; to_block() gives the
+        original Sequential back (sharing the parameters)."""
+        parts = list(block) if isinstance(block, nn.Sequential) else []
+        relu = len(parts) == 3 and type(parts[2]) is nn.ReLU
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not relu):
+            raise TypeError(f"FusedConvBNAct.from_block expects Sequential(Conv2d, BatchNorm2d"
+                            f"[, ReLU]), got {block}")
+        fused = cls(parts[0], parts[1], relu).train(block.training)
+        fused.__dict__["_original"] = block
+        return fused
+
+    def to_block(self) -> nn.Sequential:
+        """The Sequential this was built from (or a new Sequential(conv, bn[, ReLU]))."""
+        if self._original is not None:
+            return self._original.train(self.training)
+        parts = [self.conv, self.bn] + ([nn.ReLU(inplace=True)] if self.relu else [])
+        return nn.Sequential(*parts).train(self.training)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self._fold_cache)

@@ -32,10 +32,14 @@ bench() {  # bench NAME: benchmarks/test_bench_NAME.py -> $OUT/NAME.json and a m
     --benchmark-json="$OUT/$name.json" > "$OUT/bench-$name.log" 2>&1
   echo "bench $name rc=$?" | tee -a "$OUT/summary.txt"
   python3 benchmarks/report.py "$OUT/$name.json" --command "$cmd" \
-    -o "benchmarks/results/$name-$device-$stamp.md"
+    -o "benchmarks/results/$name-$device-$stamp.md" --plot "$OUT/$name-$device-$stamp.png"
   cp "benchmarks/results/$name-$device-$stamp.md" "$OUT/"
 }
 bench bn_add_relu
 bench conv
+bench blocks
+log "fused-resnet bench (the README's main job: resnet50, bf16, batch 256)"
+timeout 580 python3 -m fused_resnet bench --out "$OUT/bench-$device-$stamp" > "$OUT/bench-cli.log" 2>&1
+echo "fused-resnet bench rc=$?" | tee -a "$OUT/summary.txt"; tail -40 "$OUT/bench-cli.log"
 cat "$OUT/summary.txt"
 cat "benchmarks/results/bn_add_relu-$device-$stamp.md" "benchmarks/results/conv-$device-$stamp.md"

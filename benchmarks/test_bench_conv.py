@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
-from conftest import environment
+from conftest import environment, gpu as _gpu, with_triton
 from fused_resnet import backend, fold
 
 ops = torch.ops.fused_resnet
@@ -39,15 +39,8 @@ CPU_LAYERS = [("layer1.conv2", 64, 64, 3, 1, 1, 28), ("layer3.conv3", 256, 1024,
 DUAL = [("layer2.0 conv3+downsample", 128, 512, 256, 2, 56)]  # (name, C_mid, C_out, C_in, s, H)
 
 
-def _gpu() -> bool:
-    return torch.cuda.is_available()
-
-
 def _providers():
-    names = ["eager", "fused", "fused-cpp"]
-    if _gpu() and backend.why_not("triton", "cuda") is None:
-        names.append("fused-triton")
-    return names
+    return with_triton(["eager", "fused", "fused-cpp"])
 
 
 def _batch() -> int:

@@ -1,4 +1,4 @@
-"""Command line: `fused-resnet info | verify` (also `python -m fused_resnet ...`)."""
+"""Command line: `fused-resnet info | verify | bench` (also `python -m fused_resnet ...`)."""
 
 import argparse
 import json
@@ -34,6 +34,62 @@ def _verify(args) -> int:
     return 0 if ok else 1
 
 
+def _bench(args) -> int:
+    import torch
+
+    from fused_resnet.bench import providers, report, suite
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.providers or list(providers.DEFAULT_PROVIDERS)
+    if args.max_autotune and "compile_max" not in names:
+        names.append("compile_max")
+    config = suite.Config.defaults_for(
+        device, models=args.model, modes=args.mode, dtype=args.dtype,
+        batch_size=args.batch_size, image_size=args.image_size, providers=names,
+        warmup=args.warmup, repeats=args.repeats, iters=args.iters,
+        check_batch=args.check_batch, out_dir=args.out, plots=not args.no_plots)
+    print(f"fused-resnet bench: {', '.join(config.models)} / {', '.join(config.modes)} on "
+          f"{device}, {config.dtype}, batch {config.batch_size}, {config.image_size}px; "
+          f"providers: {', '.join(names)}", flush=True)
+    result = suite.run(config)
+    paths = suite.write(result, config.out_dir, command="fused-resnet " + " ".join(args.argv))
+    print("\n".join(report.tables(result) + report.goals(result)))
+    print("\nwritten: " + ", ".join(paths.values()))
+    bad = [f"{r['model']} {r['mode']} {r['provider']}" for r in result["rows"]
+           if r["status"] in ("wrong", "error")]
+    if bad:
+        print("providers that failed the correctness check: " + "; ".join(bad))
+    return 1 if bad else 0
+
+
+def _add_bench_parser(sub) -> None:
+    from fused_resnet.bench import providers, suite
+
+    p = sub.add_parser("bench", help="time eager, torch.compile and fused ResNets (checked "
+                                     "for correctness first); JSON, markdown and PNG plots")
+    p.add_argument("--model", nargs="+", choices=suite.MODELS, default=None,
+                   help="default: resnet50")
+    p.add_argument("--mode", nargs="+", choices=suite.MODES, default=None,
+                   help="default: both")
+    p.add_argument("--dtype", choices=sorted(suite.DTYPES), default=None,
+                   help="default: bf16 on a GPU, fp32 on a CPU (bf16/fp16 run under autocast)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 GPU, 8 CPU")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 GPU, 112 CPU")
+    p.add_argument("--providers", nargs="+", choices=providers.ALL_PROVIDERS, default=None,
+                   help=f"default: {' '.join(providers.DEFAULT_PROVIDERS)} (those usable here)")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="also torch.compile(mode='max-autotune') (slow to compile)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per provider")
+    p.add_argument("--iters", type=int, default=None, help="calls per timed sample")
+    p.add_argument("--check-batch", type=int, default=None,
+                   help="batch of the correctness check (default 8 GPU, 4 CPU)")
+    p.add_argument("--out", default="fused-resnet-bench", help="output directory")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=_bench)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fused-resnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,7 +99,10 @@ def main(argv=None) -> int:
     p_verify = sub.add_parser("verify", help="check the fused ops against PyTorch on this machine")
     p_verify.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p_verify.set_defaults(func=_verify)
+    _add_bench_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -22,8 +22,10 @@ def test_report_renders_committed_results(tmp_path):
     recorded = sorted(f for f in os.listdir(results) if f.endswith(".json"))
     assert recorded, "no recorded benchmark JSON in benchmarks/results"
     for name in recorded:
-        out = tmp_path / (name + ".md")
+        out, png = tmp_path / (name + ".md"), tmp_path / (name + ".png")
         subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"),
-                        os.path.join(results, name), "-o", str(out)], check=True)
+                        os.path.join(results, name), "-o", str(out), "--plot", str(png)],
+                       check=True)
         text = out.read_text()
         assert "| shape | mode |" in text and "eager" in text and "x**" in text
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,1 @@
+"""The benchmark suite behind `fused-resnet bench` (see suite.py)."""

@@ -1,0 +1,103 @@
+"""The implementations a benchmark compares, all built from one set of weights:
+
+    eager          PyTorch eager, NCHW
+    eager_cl       PyTorch eager, channels_last (the baseline ratios are taken against)
+    compile        torch.compile(eager_cl), default mode
+    compile_max    torch.compile(eager_cl, mode="max-autotune") (slow to compile: opt-in)
+    fused          fr.fuse_(eager_cl), backend auto
+    fused_compile  torch.compile(fused), default mode
+    fused_cuda     fused, BN ops forced to the C++/CUDA kernels
+    fused_triton   fused, forced to the Triton kernels (conv and BN)
+
+dtype bf16/fp16 runs every provider under torch.autocast (mixed precision: fp32 weights, as
+training recipes do). A provider is a Runner: `inference(x)`, `forward_backward(x, target)`
+(logits and parameter gradients, for the correctness check) and `train_step(x, target)`
+(forward, backward, SGD step).
+"""
+
+import contextlib
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fused_resnet import backend
+
+DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cuda", "fused_triton")
+ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_max", "fused_compile")
+BASELINE = "eager_cl"
+
+
+class Runner:
+    """One provider's model, its input layout, autocast dtype and backend."""
+
+    def __init__(self, name: str, model: nn.Module, device: str, dtype: torch.dtype,
+                 channels_last: bool, backend_name: str = "auto",
+                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None):
+        self.name, self.device, self.dtype = name, device, dtype
+        self.channels_last, self.backend_name = channels_last, backend_name
+        self.module = model  # the parameters (an optimizer steps these)
+        self.model = wrap(model) if wrap is not None else model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @contextlib.contextmanager
+    def context(self):
+        autocast = torch.autocast(torch.device(self.device).type, dtype=self.dtype,
+                                  enabled=self.dtype != torch.float32)
+        with backend.use(self.backend_name), autocast:
+            yield
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        with torch.no_grad(), self.context():
+            return self.model(x)
+
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor):
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.context():
+            logits = self.model(x)
+        nn.functional.cross_entropy(logits.float(), target).backward()
+        return logits, [p.grad for p in self.module.parameters()]
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        self.forward_backward(x, target)
+        self.optimizer.step()
+
+
+def unavailable(name: str, device: str) -> Optional[str]:
+    """Why provider `name` can't run on `device` (None if it can)."""
+    device_type = torch.device(device).type
+    if name not in ALL_PROVIDERS:
+        return f"unknown provider {name!r} (known: {', '.join(ALL_PROVIDERS)})"
+    forced = {"fused_cuda": "cuda", "fused_triton": "triton"}.get(name)
+    if forced is None:
+        return None
+    if device_type != "cuda":
+        return f"{forced} backend runs on CUDA devices only"
+    return backend.why_not(forced, device_type)
+
+
+def build(name: str, model: nn.Module, device: str, dtype: torch.dtype) -> Runner:
+    """Provider `name` from a copy of `model` (fp32 weights, any device)."""
+    import fused_resnet as fr
+
+    model = copy.deepcopy(model).to(device)
+    if name == "eager":
+        return Runner(name, model, device, dtype, channels_last=False)
+    model = model.to(memory_format=torch.channels_last)
+    if name == "eager_cl":
+        return Runner(name, model, device, dtype, True)
+    if name in ("compile", "compile_max"):
+        mode = "max-autotune" if name == "compile_max" else None
+        return Runner(name, model, device, dtype, True, wrap=lambda m: torch.compile(m, mode=mode))
+    fused = fr.fuse_(model)
+    if name == "fused_compile":
+        return Runner(name, fused, device, dtype, True, wrap=torch.compile)
+    backend_name = {"fused": "auto", "fused_cuda": "cuda", "fused_triton": "triton"}[name]
+    return Runner(name, fused, device, dtype, True, backend_name)

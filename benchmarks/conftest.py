@@ -36,3 +36,24 @@ def with_triton(names: list) -> list:
     if gpu() and backend.why_not("triton", "cuda") is None:
         return names + ["fused-triton"]
     return names
+
+
+def time_and_record(benchmark, step, device: str, images: int, **info):
+    """Warm up, time `step` (synchronized on a GPU) with pytest-benchmark, record the
+    environment, `info` and images/s in the row. Returns the median seconds (None under
+    --benchmark-disable, where the step still ran: a correctness smoke test)."""
+    def synced():
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        synced()
+    benchmark.pedantic(synced, rounds=20 if device == "cuda" else 5, iterations=1,
+                       warmup_rounds=1)
+    if benchmark.stats is None:
+        return None
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(environment(device))
+    benchmark.extra_info.update(info, images_per_s=images / seconds)
+    return seconds

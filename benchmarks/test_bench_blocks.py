@@ -16,7 +16,7 @@ import torch
 from torchvision.models import resnet50
 
 import fused_resnet as fr
-from conftest import environment, gpu as _gpu, with_triton
+from conftest import gpu as _gpu, time_and_record, with_triton
 from fused_resnet import backend
 
 # (stage, block index, input H=W on a GPU)
@@ -78,19 +78,6 @@ def test_block(benchmark, provider, cfg, mode, bench_device):
         err = ((grad - want_grad).norm() / want_grad.norm()).item()
         assert err < (5e-2 if _gpu() else 1e-3), f"{provider} input gradient off by {err:.1e}"
 
-    def step():
-        run(module)
-        if _gpu():
-            torch.cuda.synchronize()
-
-    for _ in range(2):
-        step()
-    benchmark.pedantic(step, rounds=20 if _gpu() else 5, iterations=1, warmup_rounds=1)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment(bench_device))
-    benchmark.extra_info.update(op="resnet50 block", provider=provider, mode=mode,
-                                shape=[f"{stage}.{index} {n}x{c_in}x{hw}x{hw}"],
-                                dtype=str(dtype).replace("torch.", ""), layout="channels_last",
-                                images_per_s=n / seconds)
+    time_and_record(benchmark, lambda: run(module), bench_device, n, op="resnet50 block",
+                    provider=provider, mode=mode, shape=[f"{stage}.{index} {n}x{c_in}x{hw}x{hw}"],
+                    dtype=str(dtype).replace("torch.", ""), layout="channels_last")

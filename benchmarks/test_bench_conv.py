@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
-from conftest import environment, gpu as _gpu, with_triton
+from conftest import gpu as _gpu, time_and_record, with_triton
 from fused_resnet import backend, fold
 
 ops = torch.ops.fused_resnet
@@ -47,23 +47,12 @@ def _batch() -> int:
     return 256 if _gpu() else 2
 
 
-def _sync():
-    if _gpu():
-        torch.cuda.synchronize()
-
-
-def _time_and_record(benchmark, step, device, provider, layer, mode, flops, extra=None):
-    for _ in range(3):
-        step()
-    benchmark.pedantic(step, rounds=20 if _gpu() else 10, iterations=1, warmup_rounds=2)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment(device))
-    benchmark.extra_info.update(op="conv", provider=provider, mode=mode, shape=[layer],
-                                dtype="bfloat16" if _gpu() else "float32",
-                                layout="channels_last", images_per_s=_batch() / seconds,
-                                tflops=flops / seconds / 1e12, **(extra or {}))
+def _time_and_record(benchmark, step, device, provider, layer, mode, flops):
+    seconds = time_and_record(benchmark, step, device, _batch(), op="conv", provider=provider,
+                              mode=mode, shape=[layer],
+                              dtype="bfloat16" if _gpu() else "float32", layout="channels_last")
+    if seconds is not None:
+        benchmark.extra_info["tflops"] = flops / seconds / 1e12
 
 
 def _inputs(c_in, c_out, k, s, p, hw, device, dtype):
@@ -120,11 +109,7 @@ def test_conv_layer(benchmark, provider, layer, mode, bench_device):
     torch.testing.assert_close(run().float(), expected.float(), rtol=tol, atol=tol,
                                msg=f"{provider} disagrees with eager")
 
-    def step():
-        run()
-        _sync()
-
-    _time_and_record(benchmark, step, bench_device, provider, name, mode, flops)
+    _time_and_record(benchmark, run, bench_device, provider, name, mode, flops)
 
 
 @pytest.mark.parametrize("layer", DUAL, ids=lambda v: v[0])
@@ -161,8 +146,4 @@ def test_bottleneck_end_with_projection(benchmark, provider, layer, bench_device
     torch.testing.assert_close(run().float(), expected.float(), rtol=tol, atol=tol)
     flops = 2.0 * n * (hw // s) ** 2 * c_out * (c_mid + c_in)
 
-    def step():
-        run()
-        _sync()
-
-    _time_and_record(benchmark, step, bench_device, provider, name, "eval_dual", flops)
+    _time_and_record(benchmark, run, bench_device, provider, name, "eval_dual", flops)

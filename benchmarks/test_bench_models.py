@@ -9,7 +9,7 @@ ResNets through the same providers, checked against eager float64 first
 import pytest
 import torch
 
-from conftest import environment
+from conftest import time_and_record
 from fused_resnet.bench import check, memory, providers, suite
 
 MODELS = ["resnet50", "resnet18"] if torch.cuda.is_available() else ["resnet18"]
@@ -45,21 +45,8 @@ def test_model(benchmark, provider, model_name, mode, bench_device):
         def step():
             runner.train_step(xb, target)
 
-    def timed():
-        step()
-        if bench_device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(2):
-        timed()
-    peak = memory.peak_bytes(timed, bench_device)
-    benchmark.pedantic(timed, rounds=10 if bench_device == "cuda" else 3, iterations=1,
-                       warmup_rounds=1)
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment(bench_device))
-    benchmark.extra_info.update(op="model", provider=provider, mode=mode, shape=[model_name],
-                                dtype=str(cfg["dtype"]).replace("torch.", ""),
-                                layout="channels_last", images_per_s=cfg["batch"] / seconds,
-                                peak_memory_bytes=peak)
+    step()
+    peak = memory.peak_bytes(step, bench_device)
+    time_and_record(benchmark, step, bench_device, cfg["batch"], op="model", provider=provider,
+                    mode=mode, shape=[model_name], dtype=str(cfg["dtype"]).replace("torch.", ""),
+                    layout="channels_last", peak_memory_bytes=peak)

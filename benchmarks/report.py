@@ -70,7 +70,8 @@ def render(data, rows, command=None) -> str:
         lines.append(f"- command: `{command}`")
     lines += ["", "Median time per call (ms); GB/s = bytes the fused algorithm must move / time "
               "(memory-bound ops) or TFLOP/s of the convolutions and images/s; and the "
-              "speed-up over eager PyTorch measured in the same run (> 1: faster than eager).",
+              "speed-up over eager PyTorch (channels_last eager for whole models) measured in "
+              "the same run (> 1: faster than eager).",
               ""]
     for op in ops:
         if len(ops) > 1:
@@ -85,11 +86,12 @@ def _table(rows) -> list:
     for row in rows:
         groups[(tuple(row["shape"]), row["mode"])][row["provider"]] = row
     providers = sorted({row["provider"] for row in rows},
-                       key=lambda p: (p != "eager", p != "compiled", p))
+                       key=lambda p: (not p.startswith("eager"), p != "compiled", p))
+    base = "eager" if "eager" in providers else "eager_cl"  # model rows: channels_last eager
     header = "| shape | mode | " + " | ".join(providers) + " |"
     lines += [header, "|" + "---|" * (len(providers) + 2)]
     for (shape, mode), by_provider in groups.items():
-        eager = by_provider.get("eager")
+        eager = by_provider.get(base)
         cells = []
         for p in providers:
             row = by_provider.get(p)
@@ -99,7 +101,7 @@ def _table(rows) -> list:
             cell = f"{_fmt_ms(row['median_s'])} ms, {_throughput(row)}"
             if row.get("fraction_of_copy_bandwidth"):
                 cell += f" ({100 * row['fraction_of_copy_bandwidth']:.0f}% of copy)"
-            if eager and p != "eager":
+            if eager and p != base:
                 cell += f", **{eager['median_s'] / row['median_s']:.2f}x**"
             cells.append(cell)
         lines.append(f"| {'x'.join(map(str, shape))} | {mode} | " + " | ".join(cells) + " |")

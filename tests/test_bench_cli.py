@@ -132,3 +132,15 @@ def test_python_module_entry_point_shows_bench():
                          capture_output=True, text=True, check=True).stdout
     assert "--providers" in out and "--max-autotune" in out
     assert os.path.basename(sys.executable)
+
+
+def test_committed_bench_reports_render():
+    """Every committed `fused-resnet bench` result still renders with today's report code."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "results")
+    runs = [d for d in os.listdir(root) if d.startswith("bench-")]
+    assert runs, "no committed fused-resnet bench result"
+    for run in runs:
+        with open(os.path.join(root, run, "results.json")) as f:
+            text = report.markdown(json.load(f))
+        assert "### resnet50, training" in text and "## Goals" in text

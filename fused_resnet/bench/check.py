@@ -9,7 +9,12 @@ Why MARGIN = 4 rather than op-level 2: after 50 layers, equally valid fp32 imple
 (other conv algorithms, other summation orders) differ from float64 by amounts whose max over
 a few thousand logits varies from run to run: on one CPU check batch eager NCHW was 5.6e-5
 off, eager channels_last 7.4e-5 and torch.compile 1.3e-4, all correct. A wrong term (one BN
-scale 20% off, a missing residual) is off by O(0.1-1): orders of magnitude above the margin."""
+scale 20% off, a missing residual) is off by O(0.1-1): orders of magnitude above the margin.
+
+Why GRADIENT_FLOOR = 5e-2 even in fp32: with a small check batch the last stage's BNs see a
+few dozen values per channel, and a ReLU decision flipped by rounding there moves every
+upstream gradient; correct fp32 implementations were seen 8.4e-3 normwise off (torch.compile
+on resnet18, eager 1.6e-3) and 2e-2 in the fused tests. The injected 20% BN error is 1.4."""
 
 import copy
 from typing import NamedTuple
@@ -18,7 +23,7 @@ import torch
 
 
 MARGIN = 4
-GRADIENT_FLOOR = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+GRADIENT_FLOOR = 5e-2
 ROUNDING_UNITS = 4
 
 
@@ -76,6 +81,6 @@ def check(runner, ref: Reference, x, target, mode: str) -> dict:
     if mode == "training":
         err = _normwise(_flat(grads), ref.grads64)
         allowed = max(MARGIN * _normwise(ref.grads_eager, ref.grads64),
-                      GRADIENT_FLOOR.get(runner.dtype, 1e-3))
+                      GRADIENT_FLOOR)
         result.update(grad_error=err, grad_allowed=allowed, ok=result["ok"] and err <= allowed)
     return result

@@ -112,7 +112,8 @@ def markdown(result) -> str:
               "backward + SGD step. Peak memory: CUDA allocator peak (everything allocated); "
               "on a CPU the growth of the resident set. Floors: time the unavoidable bytes "
               "(a fully fused forward; training 3x) take at the measured copy bandwidth, and "
-              "the FLOPs at the measured matmul rate, as a fraction of the measured time."]
+              "the FLOPs at the measured matmul rate, as a fraction of the measured time "
+              "(above 100%: the library convs ran faster than the measured matmul)."]
     lines += tables(result) + goals(result)
     return "\n".join(lines) + "\n"
 
@@ -123,7 +124,7 @@ def bar_chart(groups: dict, ylabel: str, title: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = sorted({s for values in groups.values() for s in values})
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) * max(len(series), 1) / 3), 4))
     for i, name in enumerate(series):

@@ -6,6 +6,9 @@ GPU-less machine with a CUDA toolkit builds the CUDA kernels too:
 - C++ CPU kernels: always.
 - CUDA kernels: when a CUDA toolkit (nvcc under CUDA_HOME) and a CUDA build of torch are present,
   unless FUSED_RESNET_SKIP_CUDA=1.
+- CUTLASS conv kernels (csrc/cutlass_conv/): with the CUDA kernels, when the CUTLASS headers
+  are found (the pinned nvidia-cutlass wheel's cutlass_library/source/include, or
+  FUSED_RESNET_CUTLASS_INCLUDE), unless FUSED_RESNET_SKIP_CUTLASS=1.
 - Architectures: TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90 (plus PTX for newer GPUs).
 - Parallel compile jobs: MAX_JOBS (read by torch's BuildExtension / ninja).
 """
@@ -51,6 +54,25 @@ def _cuda_decision():
     return True, f"CUDA toolkit at {cuda_home}, torch built with CUDA {torch.version.cuda}"
 
 
+def _cutlass_include():
+    """(include directory or None, reason)."""
+    if os.environ.get("FUSED_RESNET_SKIP_CUTLASS", "0") == "1":
+        return None, "FUSED_RESNET_SKIP_CUTLASS=1"
+    candidates = []
+    if os.environ.get("FUSED_RESNET_CUTLASS_INCLUDE"):
+        candidates.append(os.environ["FUSED_RESNET_CUTLASS_INCLUDE"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(os.path.join(location, "source", "include"))
+    for include in candidates:
+        if os.path.exists(os.path.join(include, "cutlass", "cutlass.h")):
+            return include, f"headers at {include}"
+    return None, "CUTLASS headers not found (pip install nvidia-cutlass==4.2.0.0 --no-deps)"
+
+
 def _extensions():
     _default_cuda_home()
     import torch
@@ -83,6 +105,19 @@ def _extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     _log(f"CUDA kernels: yes ({reason}); arch list {os.environ['TORCH_CUDA_ARCH_LIST']}; "
          f"sources {', '.join(cuda_sources)}")
+    defines = ["-DFR_WITH_CUDA=1"]
+    # torch's defaults hide the fp16/bf16 operators CUTLASS's numeric types rely on
+    nvcc_flags = ["-O3", "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__",
+                  "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                  "-U__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    cutlass_include, cutlass_reason = _cutlass_include()
+    if cutlass_include is not None:
+        cutlass_sources = sorted(glob.glob("csrc/cutlass_conv/*.cu")) + \
+            sorted(glob.glob("csrc/cutlass_conv/*.cpp"))
+        cuda_sources += cutlass_sources
+        include_dirs.append(cutlass_include)
+        defines.append("-DFR_WITH_CUTLASS=1")
+    _log(f"CUTLASS conv kernels: {'yes' if cutlass_include else 'no'} ({cutlass_reason})")
     return [
         cpp_extension.CUDAExtension(
             "fused_resnet._C",
@@ -90,9 +125,9 @@ def _extensions():
             include_dirs=include_dirs,
             extra_link_args=link_flags,
             extra_compile_args={
-                "cxx": cxx_flags + ["-DFR_WITH_CUDA=1"],
+                "cxx": cxx_flags + defines,
                 # No --use_fast_math: BN statistics need IEEE division and rsqrt.
-                "nvcc": ["-O3", "-lineinfo", "-DFR_WITH_CUDA=1"],
+                "nvcc": nvcc_flags + defines,
             },
         )
     ]

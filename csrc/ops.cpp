@@ -13,6 +13,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/cutlass_conv_plan.h"
 #include "common/types.h"
 #include "cpu/bn_add_relu.h"
 
@@ -335,10 +336,33 @@ TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { FR_REGISTER_KERNELS(m); }
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) { FR_REGISTER_KERNELS(m); }
 #endif
 
+// cutlass_conv_plan(n, h, w, c, k, r, s, stride, pad, dilation, groups, element_bytes)
+//   -> (unsupported reason or None, padded_c, p, q, tile): the CUTLASS conv path's host-side
+// decision (common/cutlass_conv_plan.h), in every build so the CPU tests can check it and
+// the Python dispatcher can ask it before offering the CUTLASS candidate.
+static PyObject* fr_cutlass_conv_plan(PyObject*, PyObject* args) {
+  long long v[12];
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                        &v[7], &v[8], &v[9], &v[10], &v[11])) {
+    return nullptr;
+  }
+  const fused_resnet::CutlassConvProblem problem{v[0], v[1], v[2], v[3], v[4],  v[5],
+                                                 v[6], v[7], v[8], v[9], v[10], v[11]};
+  const fused_resnet::CutlassConvPlan plan = fused_resnet::cutlass_conv_plan(problem);
+  PyObject* reason = plan.unsupported ? PyUnicode_FromString(plan.unsupported) : Py_NewRef(Py_None);
+  return Py_BuildValue("(NLLLi)", reason, (long long)plan.padded_c, (long long)plan.p,
+                       (long long)plan.q, static_cast<int>(plan.tile));
+}
+
+static PyMethodDef fr_methods[] = {
+    {"cutlass_conv_plan", fr_cutlass_conv_plan, METH_VARARGS,
+     "CUTLASS conv path decision for a problem (see common/cutlass_conv_plan.h)"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // A plain Python module (no pybind11): importing it runs the registrations above. Its
 // attributes tell fused_resnet.info() what was built and against which torch.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fr_methods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "built_with_torch", FR_STR(FR_TORCH_VERSION));
@@ -346,6 +370,11 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+#ifdef FR_WITH_CUTLASS
+  PyModule_AddIntConstant(m, "with_cutlass", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cutlass", 0);
 #endif
   return m;
 }

@@ -5,7 +5,7 @@ from importlib import metadata
 
 import torch
 
-from fused_resnet import _extension, backend
+from fused_resnet import _extension, backend, tuning
 
 try:
     __version__ = metadata.version("fused_resnet")
@@ -43,6 +43,22 @@ def _ext_entry(device_type: str) -> dict:
     return entry
 
 
+def _cutlass_entry() -> dict:
+    """The CUTLASS conv kernels: part of _C's CUDA build (see setup.py)."""
+    module = _extension.load()
+    built = bool(module is not None and getattr(module, "with_cutlass", 0))
+    reason = None
+    if not built:
+        reason = _extension.error() or "fused_resnet._C was built without the CUTLASS conv " \
+            "kernels (no CUDA toolkit or headers, or FUSED_RESNET_SKIP_CUTLASS=1)"
+    elif not torch.cuda.is_available():
+        reason = "built, but no CUDA device is visible"
+    entry = {"built": built, "usable": reason is None}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
 def _triton_entry() -> dict:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     reason = backend.why_not("triton", device_type)
@@ -73,8 +89,11 @@ def info() -> dict:
         "backends": {
             "cpu_ext": _ext_entry("cpu"),
             "cuda_ext": _ext_entry("cuda"),
+            "cutlass_conv": _cutlass_entry(),
             "triton": _triton_entry(),
             "torch": {"built": True, "usable": True},
         },
         "extension_built_with_torch": getattr(_extension.load(), "built_with_torch", None),
+        "tuning_cache": tuning.cache_path(),
+        "conv_choices": tuning.choices(),
     }

@@ -13,7 +13,7 @@ def _print_info(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     for key, value in data.items():
-        if key == "backends":
+        if key in ("backends", "conv_choices"):
             continue
         print(f"{key:28s} {value}")
     print("backends:")
@@ -22,7 +22,11 @@ def _print_info(args) -> int:
         built = "built" if entry["built"] else "not built"
         extra = f" ({entry['reason']})" if entry.get("reason") else ""
         mode = f" [{entry['mode']}]" if entry.get("mode") else ""
-        print(f"  {name:10s} {built}, {state}{mode}{extra}")
+        print(f"  {name:12s} {built}, {state}{mode}{extra}")
+    if data["conv_choices"]:
+        print(f"measured choices (disk cache {data['tuning_cache']}, and this process):")
+        for key, choice in data["conv_choices"].items():
+            print(f"  {choice:8s} {key}")
     return 0
 
 

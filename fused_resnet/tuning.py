@@ -1,23 +1,102 @@
-"""Measured choices, made once per key and cached for the process (like cudnn.benchmark):
-which implementation of a conv to run, which Triton tile configuration to launch."""
+"""Measured choices, made once per key (like cudnn.benchmark): which implementation of a conv
+to run, which Triton tile configuration to launch. Cached for the process and, for the
+implementation choices, on disk too (keyed by device name, the key and the package version),
+so a later process on the same GPU reuses them without measuring again.
+
+Disk cache: $FUSED_RESNET_CACHE_DIR (default ~/.cache/fused_resnet)/tuning-<version>.json;
+FUSED_RESNET_TUNING_CACHE=0 keeps choices in memory only.
+"""
+
+import json
+import os
+import tempfile
+from typing import Optional
 
 import torch
 
 _cache: dict = {}
+_disk: Optional[dict] = None
 
 
-def tuned_choice(key, candidates: dict, timer=None):
+def cache_path() -> Optional[str]:
+    if os.environ.get("FUSED_RESNET_TUNING_CACHE", "1") == "0":
+        return None
+    from fused_resnet._info import __version__
+
+    root = os.environ.get("FUSED_RESNET_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "fused_resnet"))
+    return os.path.join(root, f"tuning-{__version__}.json")
+
+
+def _disk_key(key) -> str:
+    """The device's name makes a choice measured on one GPU model mean nothing on another."""
+    index = next((k for k in key if isinstance(k, int) and not isinstance(k, bool)), None) \
+        if isinstance(key, tuple) else None
+    device = torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
+    return f"{device}|{key!r}"
+
+
+def _load_disk() -> dict:
+    global _disk
+    if _disk is None:
+        _disk = {}
+        path = cache_path()
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    _disk = json.load(f)
+            except (OSError, ValueError):  # a corrupt cache is remeasured, never fatal
+                _disk = {}
+    return _disk
+
+
+def _save_disk(key, choice: str) -> None:
+    path = cache_path()
+    if path is None:
+        return
+    disk = _load_disk()
+    disk[_disk_key(key)] = choice
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(disk, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # read-only home: the in-memory cache still works
+
+
+def tuned_choice(key, candidates: dict, timer=None, persist: bool = False):
     """Name of the fastest candidate (name -> zero-argument callable) by timer(callable)
-    (default: median CUDA time), measured the first time `key` is seen, then cached."""
+    (default: median CUDA time), measured the first time `key` is seen, then cached (also on
+    disk when `persist`; a disk entry naming a candidate that is no longer offered is
+    remeasured)."""
     if key not in _cache:
-        timer = timer or cuda_median_ms
-        _cache[key] = min(candidates, key=lambda name: timer(candidates[name]))
+        remembered = _load_disk().get(_disk_key(key)) if persist else None
+        if remembered in candidates:
+            _cache[key] = remembered
+        else:
+            timer = timer or cuda_median_ms
+            _cache[key] = min(candidates, key=lambda name: timer(candidates[name]))
+            if persist:
+                _save_disk(key, _cache[key])
     return _cache[key]
 
 
 def cached(key):
-    """The choice made earlier for key, or None."""
-    return _cache.get(key)
+    """The choice made earlier for key (this process or, for persisted keys, on disk), or
+    None."""
+    if key in _cache:
+        return _cache[key]
+    return _load_disk().get(_disk_key(key)) if cache_path() else None
+
+
+def choices() -> dict:
+    """Every choice known: the disk cache ("<device>|<key>": choice, earlier processes too)
+    and this process's ("<key>": choice, tile configurations included)."""
+    known = dict(_load_disk()) if cache_path() else {}
+    known.update({repr(key): str(choice) for key, choice in _cache.items()})
+    return known
 
 
 def cuda_median_ms(fn, warmup: int = 3, reps: int = 10) -> float:

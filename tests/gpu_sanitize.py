@@ -53,8 +53,37 @@ def main() -> int:
                         if not ok:
                             failures += 1
                             print(f"MISMATCH {name} {shape} {dtype} cl={channels_last}")
+    failures += _cutlass_conv()
     print(f"gpu_sanitize: {failures} mismatches")
     return 1 if failures else 0
+
+
+def _cutlass_conv() -> int:
+    """One CUTLASS conv of each kind (stem with padded channels, 3x3, strided 1x1 with a
+    residual, a small-tile problem), each dtype."""
+    from fused_resnet import _extension
+
+    if not getattr(_extension.load(), "with_cutlass", 0):
+        print("gpu_sanitize: built without the CUTLASS conv kernels, skipped")
+        return 0
+    failures = 0
+    for cin, cout, k, s, p, hw, n, residual in [(3, 64, 7, 2, 3, 33, 2, False),
+                                                  (64, 64, 3, 1, 1, 15, 3, True),
+                                                  (256, 512, 1, 2, 0, 14, 2, True),
+                                                  (512, 512, 3, 1, 1, 7, 1, False)]:
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(n, cin, hw, hw, device="cuda").to(dtype)
+            w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
+            bias = torch.randn(cout, device="cuda")
+            z = torch.nn.functional.conv2d(x.float(), w.float(), bias, s, p)
+            r = torch.randn_like(z).to(dtype) if residual else None
+            got = ops.conv2d_bias_act_cutlass(x, w, s, p, bias, r, True)
+            want = torch.relu(z + (r.float() if residual else 0))
+            torch.cuda.synchronize()
+            if not torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2):
+                failures += 1
+                print(f"MISMATCH cutlass conv {cin}->{cout} k{k} s{s} {dtype}")
+    return failures
 
 
 if __name__ == "__main__":

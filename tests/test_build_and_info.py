@@ -37,9 +37,10 @@ def test_cuda_kernels_compiled_when_nvcc_present():
 
 def test_info_reports_backends():
     data = fr.info()
-    for key in ("fused_resnet", "torch", "triton", "device", "backends"):
+    for key in ("fused_resnet", "torch", "triton", "device", "backends", "tuning_cache",
+                "conv_choices"):
         assert key in data
-    assert set(data["backends"]) == {"cpu_ext", "cuda_ext", "triton", "torch"}
+    assert set(data["backends"]) == {"cpu_ext", "cuda_ext", "cutlass_conv", "triton", "torch"}
     assert data["backends"]["cpu_ext"]["built"] and data["backends"]["cpu_ext"]["usable"]
     for entry in data["backends"].values():
         assert entry["usable"] or entry.get("reason")

@@ -18,19 +18,22 @@
         the statistics are consumed by bn_add_relu's batch_mean/batch_var, whose backward
         already differentiates through them.
 
-Each runs either the Triton implicit-GEMM kernel (kernels/conv.py) or the library conv
-(cuDNN / mkldnn) followed by the fused epilogue pieces of bn_add_relu ("library" path). Which
-one: see conv_path. Output layout follows the input's (channels_last in, channels_last out).
+Each runs the Triton implicit-GEMM kernel (kernels/conv.py), the library conv (cuDNN /
+mkldnn) followed by the fused epilogue pieces of bn_add_relu ("library" path), or, for
+conv2d_epilogue on CUDA in fp16/bf16, the CUTLASS implicit-GEMM conv with the epilogue in its
+tile (csrc/cutlass_conv/, "cutlass" path). Which one: see conv_path and choose_path. Output layout follows the input's (channels_last in, channels_last out).
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_resnet import backend, layout, tuning
+from fused_resnet import _extension, backend, layout, tuning
 from fused_resnet.ops.bn_add_relu import _run
+
 
 def _conv_kernels():
     from fused_resnet.kernels import conv  # imports triton: only when that path runs
@@ -52,40 +55,111 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
     return None
 
 
-def conv_path(input, weight, stride, padding, dilation, groups) -> str:
-    """"triton" (fused implicit-GEMM conv) or "library" (library conv + fused epilogue), when
-    the caller has no measured choice to offer (see choose_path).
+def cutlass_unsupported(input, weight, stride, padding, dilation, groups) -> Optional[str]:
+    """Why the CUTLASS conv cannot run this configuration (None if it can)."""
+    if not _extension.available() or not getattr(_extension.load(), "with_cutlass", 0):
+        return "fused_resnet._C was built without the CUTLASS conv kernels"
+    if input.device.type != "cuda":
+        return "the CUTLASS conv runs on CUDA devices only"
+    if input.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != input.dtype:
+        return f"dtype {input.dtype} (float16 or bfloat16 input and weight)"
+    if stride[0] != stride[1] or padding[0] != padding[1] or list(dilation) != [1, 1] \
+            or groups != 1:
+        return "grouped, dilated, or non-square stride or padding"
+    n, c, h, w = input.shape
+    k, _, r, s = weight.shape
+    reason, *_ = _extension.load().cutlass_conv_plan(n, h, w, c, k, r, s, stride[0],
+                                                     padding[0], 1, 1, 2)
+    return reason
+
+
+_forced_path: Optional[str] = None
+PATHS = ("library", "triton", "cutlass")
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    """Force the conv implementation inside a `with` block (benchmarks, tests): "library",
+    "triton" or "cutlass". An op that cannot run it raises, naming the reason."""
+    global _forced_path
+    if name not in PATHS:
+        raise ValueError(f"fused_resnet: unknown conv path {name!r}; expected one of {PATHS}")
+    previous, _forced_path = _forced_path, name
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def _forced(candidates, input, weight, stride, padding, dilation, groups) -> str:
+    if _forced_path not in candidates:
+        raise RuntimeError(f"fused_resnet: conv path {_forced_path!r} was forced but this op "
+                           f"offers only {sorted(candidates)}")
+    why = why_path_cannot_run(_forced_path, input, weight, stride, padding, dilation, groups)
+    if why is not None:
+        raise RuntimeError(f"fused_resnet: conv path {_forced_path!r} was forced but cannot run "
+                           f"this convolution: {why}")
+    return _forced_path
+
+
+def conv_path(input, weight, stride, padding, dilation, groups, cutlass: bool = False) -> str:
+    """"triton" (fused implicit-GEMM conv), "cutlass" (the CUTLASS fused conv; only where the
+    caller offers it) or "library" (library conv + fused epilogue), when the caller has no
+    measured choice to offer (see choose_path).
 
     Forced backends: triton -> the Triton conv wherever it supports the configuration (its
-    epilogue kernels otherwise); cpp / torch -> library conv + that backend's epilogue.
+    epilogue kernels otherwise); cpp (cuda) -> the CUTLASS conv where offered and supported,
+    else library conv + the C++ epilogue; torch -> library conv + the reference epilogue.
     auto: the library conv (cuDNN / mkldnn) + the C++ epilogue; on CUDA choose_path may pick
-    the Triton conv instead after measuring both.
+    the Triton or CUTLASS conv instead after measuring them.
     """
     backend.choose(input.device, input.dtype)  # raises if a forced backend cannot run here
-    unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
     if backend.requested() == "triton":
+        unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
         return "triton" if unsupported is None else "library"
+    if backend.requested() == "cpp" and cutlass and \
+            cutlass_unsupported(input, weight, stride, padding, dilation, groups) is None:
+        return "cutlass"
     return "library"
 
 
-def _can_measure(input, weight, stride, padding, dilation, groups) -> bool:
-    return (backend.requested() == "auto" and input.device.type == "cuda"
-            and backend.why_not("triton", "cuda") is None
-            and triton_unsupported(input, weight, stride, padding, dilation, groups) is None
-            and tuning.can_measure())
+def why_path_cannot_run(name: str, input, weight, stride, padding, dilation,
+                        groups) -> Optional[str]:
+    """None if conv path `name` can run this configuration on input's device, else why."""
+    if name == "triton":
+        return backend.why_not("triton", input.device.type) or triton_unsupported(
+            input, weight, stride, padding, dilation, groups)
+    if name == "cutlass":
+        return cutlass_unsupported(input, weight, stride, padding, dilation, groups)
+    return None
+
+
+def _runnable(candidates: dict, input, weight, stride, padding, dilation, groups) -> dict:
+    """The candidates that can run this configuration here."""
+    return {name: fn for name, fn in candidates.items()
+            if why_path_cannot_run(name, input, weight, stride, padding, dilation, groups) is None}
 
 
 def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilation,
                 groups) -> str:
-    """The path to run: conv_path's answer, or on CUDA with the auto backend, the faster of
-    the candidates for this op and shape, measured once and cached (like cudnn.benchmark)."""
+    """The path to run: conv_path's answer, or on CUDA with the auto backend, the fastest of
+    the candidates that can run this op and shape, measured once and cached in memory and on
+    disk (like cudnn.benchmark; see fused_resnet.tuning)."""
+    if _forced_path is not None:
+        return _forced(candidates, input, weight, stride, padding, dilation, groups)
+    requested = backend.requested()
+    if requested != "auto" or input.device.type != "cuda":
+        return conv_path(input, weight, stride, padding, dilation, groups,
+                         cutlass="cutlass" in candidates)
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
-    if backend.requested() == "auto" and tuning.cached(key) is not None:
-        return tuning.cached(key)  # also during CUDA-graph capture, where nothing is measured
-    if not _can_measure(input, weight, stride, padding, dilation, groups):
+    choice = tuning.cached(key)
+    if choice in candidates:
+        return choice  # also during CUDA-graph capture, where nothing is measured
+    runnable = _runnable(candidates, input, weight, stride, padding, dilation, groups)
+    if len(runnable) < 2 or not tuning.can_measure():
         return conv_path(input, weight, stride, padding, dilation, groups)
-    return tuning.tuned_choice(key, candidates)
+    return tuning.tuned_choice(key, runnable, persist=True)
 
 
 def _output_like(out: Tensor, input: Tensor) -> Tensor:
@@ -137,6 +211,15 @@ def _epilogue_library(input, weight, stride, padding, dilation, groups, scale, b
     return out
 
 
+def _epilogue_cutlass(input, weight, stride, padding, bias, residual, relu):
+    _, bias_f = _affine(weight.shape[0], None, bias, input)
+    if residual is not None:
+        residual = residual.to(input.dtype)
+    out = torch.ops.fused_resnet.conv2d_bias_act_cutlass(input, weight, stride[0], padding[0],
+                                                         bias_f, residual, relu)
+    return _output_like(out, input)
+
+
 @torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
 def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                     dilation: list[int], groups: int, scale: Optional[Tensor],
@@ -147,6 +230,9 @@ def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: l
         "library": lambda: _epilogue_library(input, weight, stride, padding, dilation, groups,
                                              scale, bias, residual, relu),
     }
+    if scale is None:  # BN folded into the weight: the CUTLASS epilogue adds bias only
+        candidates["cutlass"] = lambda: _epilogue_cutlass(input, weight, stride, padding, bias,
+                                                          residual, relu)
     path = choose_path("epilogue", candidates, input, weight, stride, padding, dilation, groups)
     return candidates[path]()
 

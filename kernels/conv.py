@@ -13,6 +13,11 @@ concatenated K, as relu(conv3(y)*s3 + conv_ds(x)*sd + b) with the BN scales fold
 Epilogue options are constexprs (unused ones cost nothing): per-output-channel scale and bias,
 residual add, ReLU, and per-tile mean / M2 of the raw conv output for training-mode BatchNorm
 statistics (merged exactly afterwards: no E[x^2] - E[x]^2).
+
+Prologue option ("ConvBNfprop"): A = relu(x * pscale[c] + pshift[c]) applied to each input
+tile as it is loaded, with the previous layer's training BN as per-input-channel scale/shift:
+the normalised activation is never written to memory. The zero padding stays zero (the
+transform applies to in-bounds elements only), as padding the activation would.
 """
 
 import torch
@@ -28,23 +33,27 @@ GPU_CONFIGS = [(128, 128, 64, 8), (128, 64, 64, 4), (64, 128, 64, 4), (64, 64, 6
 INTERPRETER_CONFIG = (64, 32, 16, 4)
 
 
-def gpu_configs(c_in: int):
+def gpu_configs(c_in: int, prologue: bool = False):
     """Configs for a C_in: when C_in is not a multiple of BLOCK_K (the C_in=3 stem) every k is
-    decomposed into (tap, channel), which costs registers: 128x64 on 4 warps spills there."""
-    if all(c_in % cfg[2] == 0 for cfg in GPU_CONFIGS):
-        return GPU_CONFIGS
-    return [cfg for cfg in GPU_CONFIGS if cfg != (128, 64, 64, 4)]
+    decomposed into (tap, channel), which costs registers: 128x64 on 4 warps spills there.
+    With the BN + ReLU prologue (and the statistics epilogue it comes with) the 128x128 and
+    64x128 tiles spill on sm_90: only the tiles with 64 output channels per program."""
+    configs = GPU_CONFIGS if all(c_in % cfg[2] == 0 for cfg in GPU_CONFIGS) else \
+        [cfg for cfg in GPU_CONFIGS if cfg != (128, 64, 64, 4)]
+    if prologue:
+        configs = [cfg for cfg in configs if cfg[1] == 64]
+    return configs
 
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr,
-                 tile_mean_ptr, tile_m2_ptr,
+                 tile_mean_ptr, tile_m2_ptr, pscale_ptr, pshift_ptr,
                  N, H, W, C_in, OH, OW, C_out, H2, W2, C2,
                  stride, pad, stride2,
                  KH: tl.constexpr, KW: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  RELU: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 TAP_PER_CHUNK: tl.constexpr,
+                 TAP_PER_CHUNK: tl.constexpr, PROLOGUE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -86,6 +95,16 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
                     & (iw < W))
             a_ptrs = x_ptr + ((img[:, None] * H + ih) * W + iw).to(tl.int64) * C_in + c[None, :]
         a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+        if PROLOGUE:  # the previous BN + ReLU, in fp32, on in-bounds elements only
+            c_ok = c < C_in
+            if TAP_PER_CHUNK:
+                ps = tl.load(pscale_ptr + c, mask=c_ok, other=0.0)[None, :]
+                pb = tl.load(pshift_ptr + c, mask=c_ok, other=0.0)[None, :]
+            else:
+                ps = tl.load(pscale_ptr + c, mask=c_ok, other=0.0)
+                pb = tl.load(pshift_ptr + c, mask=c_ok, other=0.0)
+            t = a.to(tl.float32) * ps + pb
+            a = tl.where(a_ok & (t > 0.0), t, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -139,8 +158,12 @@ def _dot_precision(dtype, allow_tf32: bool) -> str:
 
 
 def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual=None,
-                relu=False, stats=False, shortcut=None, allow_tf32=False, config=None):
+                relu=False, stats=False, shortcut=None, prologue=None, allow_tf32=False,
+                config=None):
     """Fused conv over an NHWC (channels_last) input.
+
+    prologue: optional fp32 (scale, shift) per input channel: the conv then reads
+    relu(x * scale + shift) instead of x (not with a shortcut).
 
     x: [N, C_in, H, W] channels_last; w_packed: pack_weight(...) of a [C_out, C_in, KH, KW]
     weight; shortcut: optional (x2, w2_packed, stride2) with x2 channels_last [N, C2, H2, W2]
@@ -178,32 +201,35 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
             x, w_packed, x2, w2, out,
             scale if scale is not None else out, bias if bias is not None else out,
             residual if residual is not None else out, tile_mean, tile_m2,
+            prologue[0] if prologue is not None else out,
+            prologue[1] if prologue is not None else out,
             n, h, w, c_in, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
             KH=kh, KW=kw, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
             STATS=stats, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
-            TAP_PER_CHUNK=c_in % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+            TAP_PER_CHUNK=c_in % block_k == 0, PROLOGUE=prologue is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=num_warps)
         return tile_mean, tile_m2, block_m
 
     if config is None:
         config = _choose_config(x, w_packed, stride, padding, shortcut is not None, stats,
-                                launch)
+                                prologue is not None, launch)
     tile_mean, tile_m2, block_m = launch(config)
     if not stats:
         return out, None
     return out, _merge_tile_stats(tile_mean, tile_m2, n * oh * ow, block_m)
 
 
-def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, launch):
+def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, has_prologue, launch):
     if x.device.type == "cpu":
         return INTERPRETER_CONFIG
     key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
-           padding, has_shortcut, stats)
+           padding, has_shortcut, stats, has_prologue)
     if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice if any
-        return tuning.cached(key) or gpu_configs(x.shape[1])[0]
+        return tuning.cached(key) or gpu_configs(x.shape[1], has_prologue)[0]
     return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg))
-                                     for cfg in gpu_configs(x.shape[1])})
+                                     for cfg in gpu_configs(x.shape[1], has_prologue)})
 
 
 def _merge_tile_stats(tile_mean, tile_m2, rows, block_m):

@@ -117,23 +117,25 @@ def conv_variants():
     fn = conv._conv_kernel
     sizes = ("N", "H", "W", "C_in", "OH", "OW", "C_out", "H2", "W2", "C2", "stride", "pad",
              "stride2")
-    kinds = {  # name: (KH, KW, C_in divisible by 16, shortcut, stats)
-        "conv1x1_bn_relu": (1, 1, True, False, False),
-        "conv3x3_bn_add_relu": (3, 3, True, False, False),
-        "conv3x3_stats": (3, 3, True, False, True),
-        "stem7x7_cin3": (7, 7, False, False, False),
-        "conv1x1_plus_shortcut": (1, 1, True, True, False),
+    kinds = {  # name: (KH, KW, C_in divisible by 16, shortcut, stats, prologue)
+        "conv1x1_bn_relu": (1, 1, True, False, False, False),
+        "conv3x3_bn_add_relu": (3, 3, True, False, False, False),
+        "conv3x3_stats": (3, 3, True, False, True, False),
+        "stem7x7_cin3": (7, 7, False, False, False, False),
+        "conv1x1_plus_shortcut": (1, 1, True, True, False, False),
+        "bn_relu_conv3x3_stats": (3, 3, True, False, True, True),  # ConvBNfprop
+        "bn_relu_conv1x1_stats": (1, 1, True, False, True, True),
     }
     for t, config in [(t, c) for t in ("fp16", "bf16") for c in conv.GPU_CONFIGS]:
         block_m, block_n, block_k, num_warps = config
         pointers = {name: f"*{t}" for name in ("x_ptr", "w_ptr", "x2_ptr", "w2_ptr", "out_ptr",
                                                "res_ptr")}
         pointers.update({name: "*fp32" for name in ("scale_ptr", "bias_ptr", "tile_mean_ptr",
-                                                    "tile_m2_ptr")})
+                                                    "tile_m2_ptr", "pscale_ptr", "pshift_ptr")})
         signature = {a: pointers.get(a, "i32" if a in sizes else "constexpr")
                      for a in fn.arg_names}
-        for name, (kh, kw, aligned, shortcut, stats) in kinds.items():
-            if config not in conv.gpu_configs(64 if aligned else 3):
+        for name, (kh, kw, aligned, shortcut, stats, prologue) in kinds.items():
+            if config not in conv.gpu_configs(64 if aligned else 3, prologue):
                 continue  # the launcher never uses this config for this kind
             divisible = [a for a in fn.arg_names if a.endswith("_ptr")] + ["C_out", "C2"]
             if aligned:
@@ -141,7 +143,8 @@ def conv_variants():
             constexprs = dict(KH=kh, KW=kw, HAS_SHORTCUT=shortcut, HAS_SCALE=not stats,
                               HAS_BIAS=not stats, HAS_RESIDUAL=kh == 3 and not stats,
                               RELU=not stats, STATS=stats, DOT_PRECISION="tf32",
-                              TAP_PER_CHUNK=aligned, BLOCK_M=block_m, BLOCK_N=block_n,
+                              TAP_PER_CHUNK=aligned, PROLOGUE=prologue, BLOCK_M=block_m,
+                              BLOCK_N=block_n,
                               BLOCK_K=block_k)
             yield (f"{name}@{block_m}x{block_n}x{block_k}w{num_warps}", t, fn, signature,
                    constexprs, num_warps, divisible)

@@ -7,7 +7,11 @@ between them:
         a = relu(batch_norm(input; mean, var, bn_weight, bn_bias))    (the previous conv's BN)
         z, z_mean, z_var = conv2d_bn_stats(a, weight, ...)            (this conv + its stats)
 
-`mean`/`var` are the batch statistics of `input` (conv2d_bn_stats gave them). Autograd keeps
+`mean`/`var` are the batch statistics of `input` (conv2d_bn_stats gave them). On the Triton
+path the BN + ReLU is the conv kernel's prologue ("ConvBNfprop": applied to each input tile as
+it is loaded, so `a` is never written); the library path writes `a` once and runs
+conv2d_bn_stats on it; on CUDA the faster is measured per shape (ops.conv.choose_path).
+Autograd keeps
 `input` (the previous conv's raw output) and the per-channel statistics, not `a`: backward
 recomputes `a` and the ReLU mask in one elementwise pass, runs the conv backward on them, then
 the fused training-BN backward (which differentiates through the batch statistics, as
@@ -20,16 +24,30 @@ import torch
 from torch import Tensor
 
 from fused_resnet import layout, reference
+from fused_resnet.ops import conv as conv_ops
 from fused_resnet.ops.bn_add_relu import _run, bn_add_relu_backward
 
 ops = torch.ops.fused_resnet
 
 
+def _scale_shift(input, bn_weight, bn_bias, mean, var, eps):
+    acc = layout.accumulate_dtype(input)
+    return reference.bn_scale_shift(mean.to(acc), var.to(acc), bn_weight, bn_bias, eps)
+
+
 def _activation(input, bn_weight, bn_bias, mean, var, eps, save_mask):
     """relu(bn(input)) with the given statistics, and its packed ReLU mask if save_mask."""
-    acc = layout.accumulate_dtype(input)
-    scale, shift = reference.bn_scale_shift(mean.to(acc), var.to(acc), bn_weight, bn_bias, eps)
+    scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
     return _run("bn_add_relu_apply", input, input, None, scale, shift, True, save_mask)
+
+
+def _forward_triton(input, scale, shift, weight, stride, padding):
+    """The conv with the BN + ReLU as its prologue: `a` never exists."""
+    conv = conv_ops._conv_kernels()
+    z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
+                                      stats=True, prologue=(scale.float(), shift.float()),
+                                      allow_tf32=conv_ops._allow_tf32())
+    return conv_ops._output_like(z, input), mean, var
 
 
 @torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
@@ -37,8 +55,18 @@ def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias:
                             mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                             stride: list[int], padding: list[int], dilation: list[int],
                             groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    activation, _ = _activation(input, bn_weight, bn_bias, mean, var, eps, False)
-    return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+    def library():
+        activation, _ = _activation(input, bn_weight, bn_bias, mean, var, eps, False)
+        return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+
+    candidates = {"library": library}
+    if input.dtype != torch.float64:
+        scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
+        candidates["triton"] = lambda: _forward_triton(input, scale, shift, weight, stride,
+                                                         padding)
+    path = conv_ops.choose_path("bn_relu_conv", candidates, input, weight, stride, padding,
+                                dilation, groups)
+    return candidates[path]()
 
 
 @bn_relu_conv2d_bn_stats.register_fake

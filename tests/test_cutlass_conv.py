@@ -196,3 +196,41 @@ def test_cutlass_conv_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         ops.conv2d_bias_act_cutlass(x.float(), w.float(), 1, 1, torch.zeros(12, device="cuda"),
                                     None, True)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cutlass_path_of_the_conv_ops(dtype):
+    """conv2d_bn_stats (training statistics) and conv2d_dual_epilogue (conv3 + projection)
+    forced onto the CUTLASS path vs the library path in the same dtype."""
+    if not _cutlass_ready():
+        pytest.skip("built without the CUTLASS kernels")
+    x = torch.randn(8, 64, 28, 28, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, device="cuda") / 24).to(dtype)
+    results = {}
+    for path in ("cutlass", "library"):
+        with conv_ops.use_path(path):
+            results[path] = ops.conv2d_bn_stats(x, w, [2, 2], [1, 1], [1, 1], 1)
+    for got, want in zip(results["cutlass"], results["library"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    y = torch.randn(8, 128, 14, 14, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w3 = (torch.randn(256, 128, 1, 1, device="cuda") / 11).to(dtype)
+    wd = (torch.randn(256, 64, 1, 1, device="cuda") / 8).to(dtype)
+    bias = torch.randn(256, device="cuda")
+    for path in ("cutlass", "library"):
+        with conv_ops.use_path(path):
+            results[path] = ops.conv2d_dual_epilogue(y, w3, [1, 1], [0, 0], x, wd, 2, bias, True)
+    torch.testing.assert_close(results["cutlass"].float(), results["library"].float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_forcing_a_path_that_cannot_run_names_the_reason():
+    x, w = torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3)
+    with conv_ops.use_path("cutlass"), pytest.raises(RuntimeError, match="cannot run"):
+        ops.conv2d_bn_stats(x, w, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="unknown conv path"):
+        with conv_ops.use_path("cudnn"):
+            pass

@@ -6,7 +6,8 @@
     compile_max    torch.compile(eager_cl, mode="max-autotune") (slow to compile: opt-in)
     fused          fr.fuse_(eager_cl), backend auto
     fused_compile  torch.compile(fused), default mode
-    fused_cuda     fused, BN ops forced to the C++/CUDA kernels
+    fused_cuda     fused, forced to the C++/CUDA kernels: BN ops, and the CUTLASS convs
+                   wherever they apply (when built with CUTLASS; library convs elsewhere)
     fused_triton   fused, forced to the Triton kernels (conv and BN)
 
 dtype bf16/fp16 runs every provider under torch.autocast (mixed precision: fp32 weights, as

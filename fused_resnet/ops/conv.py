@@ -263,6 +263,15 @@ def _dual_library(input, weight, stride, padding, shortcut_input, shortcut_weigh
     return out
 
 
+def _dual_cutlass(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                  shortcut_stride, bias, relu):
+    """Two CUTLASS convs: the projection shortcut (no bias: the summed bias b3 + bd is added
+    once, by the second) becomes the residual of conv3's epilogue."""
+    shortcut = _epilogue_cutlass(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
+                                 None, None, False)
+    return _epilogue_cutlass(input, weight, stride, padding, bias, shortcut, relu)
+
+
 @torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
 def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                          shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
@@ -273,6 +282,9 @@ def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], paddi
     if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
         return _dual_library(*args)
     candidates = {"triton": lambda: _dual_triton(*args), "library": lambda: _dual_library(*args)}
+    if cutlass_unsupported(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
+                           [1, 1], 1) is None:
+        candidates["cutlass"] = lambda: _dual_cutlass(*args)
     return candidates[choose_path("dual", candidates, input, weight, stride, padding, [1, 1],
                                   1)]()
 
@@ -291,10 +303,14 @@ def _stats_triton(input, weight, stride, padding):
     return _output_like(z, input), mean, var
 
 
-def _stats_library(input, weight, stride, padding, dilation, groups):
-    z = _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
+def _with_stats(z):
     mean, var, _, _ = _run("bn_stats", z, z, None, None, 0.0)
     return z, mean, var
+
+
+def _stats_library(input, weight, stride, padding, dilation, groups):
+    return _with_stats(_output_like(F.conv2d(input, weight, None, stride, padding, dilation,
+                                             groups), input))
 
 
 @torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
@@ -303,6 +319,9 @@ def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: l
     candidates = {
         "triton": lambda: _stats_triton(input, weight, stride, padding),
         "library": lambda: _stats_library(input, weight, stride, padding, dilation, groups),
+        # the CUTLASS conv (no epilogue) and the statistics kernel
+        "cutlass": lambda: _with_stats(_epilogue_cutlass(input, weight, stride, padding, None,
+                                                         None, False)),
     }
     path = choose_path("bn_stats", candidates, input, weight, stride, padding, dilation, groups)
     return candidates[path]()

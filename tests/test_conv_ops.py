@@ -336,3 +336,20 @@ def test_conv2d_epilogue_gradients(backend_name, cfg):
         torch.library.opcheck(ops.conv2d_epilogue.default,
                               (leaves[0], leaves[1], stride, padding, dilation, groups,
                                leaves[2], leaves[3], leaves[4], True))
+
+
+def test_measured_choice_leaves_out_a_disagreeing_candidate():
+    """Before a choice is measured, each candidate's output is compared with the library
+    path's: a fast but wrong kernel is left out (with a warning naming it), a NaN one too."""
+    reference = torch.randn(4, 8, 5, 5)
+    candidates = {
+        "library": lambda: (reference, reference.mean()),
+        "triton": lambda: (reference * (1 + 1e-3), reference.mean()),  # rounding-sized
+        "cutlass": lambda: (reference.flip(0), reference.mean()),  # wrong layout
+    }
+    with pytest.warns(RuntimeWarning, match="cutlass path disagrees"):
+        kept = conv_ops.agreeing("bn_stats", candidates)
+    assert sorted(kept) == ["library", "triton"]
+    candidates["cutlass"] = lambda: (reference * float("nan"), reference.mean())
+    with pytest.warns(RuntimeWarning, match="cutlass"):
+        assert "cutlass" not in conv_ops.agreeing("bn_stats", candidates)

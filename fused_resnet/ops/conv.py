@@ -25,6 +25,7 @@ tile (csrc/cutlass_conv/, "cutlass" path). Which one: see conv_path and choose_p
 """
 
 import contextlib
+import warnings
 from typing import Optional
 
 import torch
@@ -159,7 +160,42 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
     runnable = _runnable(candidates, input, weight, stride, padding, dilation, groups)
     if len(runnable) < 2 or not tuning.can_measure():
         return conv_path(input, weight, stride, padding, dilation, groups)
-    return tuning.tuned_choice(key, runnable, persist=True)
+    return tuning.tuned_choice(key, agreeing(op, runnable), persist=True)
+
+
+# Normwise relative difference allowed between a candidate's output and the library path's
+# when a choice is measured: bf16 rounding of a conv output is ~4e-3 per element, a wrong
+# kernel (bad index, missing term, garbage) is off by O(1).
+AGREEMENT = 3e-2
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def agreeing(op: str, candidates: dict) -> dict:
+    """The candidates whose output agrees with the library path's on this very input (each
+    run once before the timing): a kernel that never ran on this GPU before must not win the
+    measurement by being fast and wrong. A disagreeing one is left out for this shape, with a
+    warning that names it."""
+    if "library" not in candidates:
+        return candidates
+    reference = _as_tuple(candidates["library"]())
+    kept = {"library": candidates["library"]}
+    for name, fn in candidates.items():
+        if name == "library":
+            continue
+        got = _as_tuple(fn())
+        errors = [((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+                  for a, b in zip(got, reference)]
+        worst = max(errors)
+        if worst <= AGREEMENT:  # NaN compares False: left out too
+            kept[name] = fn
+        else:
+            warnings.warn(f"fused_resnet: {op} on the {name} path disagrees with the library "
+                          f"conv (normwise difference {worst:.2e}); it is not used for this "
+                          f"shape", RuntimeWarning, stacklevel=2)
+    return kept
 
 
 def _output_like(out: Tensor, input: Tensor) -> Tensor:

@@ -83,6 +83,15 @@ def _cutlass_conv() -> int:
             if not torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2):
                 failures += 1
                 print(f"MISMATCH cutlass conv {cin}->{cout} k{k} s{s} {dtype}")
+            if dtype == torch.float16 and cin % 8 == 0:  # ConvBNfprop: BN + ReLU prologue
+                scale, shift = torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda")
+                got = ops.bn_relu_conv2d_cutlass(x, scale, shift, w, s, p)
+                a = torch.relu(x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+                want = torch.nn.functional.conv2d(a, w.float(), None, s, p)
+                torch.cuda.synchronize()
+                if not torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2):
+                    failures += 1
+                    print(f"MISMATCH cutlass bn_relu_conv {cin}->{cout} k{k} s{s}")
     return failures
 
 

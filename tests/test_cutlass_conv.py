@@ -82,10 +82,9 @@ def test_cutlass_kernels_built_when_nvcc_and_headers_present():
         assert _C.with_cutlass == 1
     if not _C.with_cutlass:
         pytest.skip("built without the CUTLASS kernels")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_resnet::conv2d_bias_act_cutlass", "CUDA")
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_resnet::conv2d_bias_act_cutlass", "CPU")
+    for op in ("conv2d_bias_act_cutlass", "bn_relu_conv2d_cutlass"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", "CPU")
 
 
 def test_dispatch_rules_on_cpu():
@@ -234,3 +233,32 @@ def test_forcing_a_path_that_cannot_run_names_the_reason():
     with pytest.raises(ValueError, match="unknown conv path"):
         with conv_ops.use_path("cudnn"):
             pass
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("cfg", [c for c in RESNET_CONVS if c[0] % 8 == 0], ids=str)
+def test_cutlass_bn_relu_conv_prologue(cfg):
+    """ConvBNfprop on CUTLASS (fp16): conv(relu(x*scale + shift)) vs the same in float64 from
+    the fp16 input, within 2x the error of PyTorch doing BN + ReLU and the conv in fp16 plus
+    a few fp16 units (the kernel rounds scale and shift to fp16 for its fma)."""
+    if not _cutlass_ready():
+        pytest.skip("built without the CUTLASS kernels")
+    cin, cout, k, s, p, hw = cfg
+    n = 4 if hw >= 56 else 8
+    x = (torch.randn(n, cin, hw, hw, device="cuda") * 2 + 0.5).half().contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).half()
+    scale, shift = torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda")
+    got = ops.bn_relu_conv2d_cutlass(x, scale, shift, w, s, p)
+
+    def act(t):
+        return torch.relu(t * scale.to(t.dtype).view(1, -1, 1, 1) + shift.to(t.dtype).view(
+            1, -1, 1, 1))
+
+    ref = F.conv2d(act(x.double()), w.double(), None, s, p)
+    torch_same = F.conv2d(act(x.float()).half(), w, None, s, p)
+    err = (got.double() - ref).abs().max().item()
+    err_torch = (torch_same.double() - ref).abs().max().item()
+    unit = torch.finfo(torch.float16).eps * (ref.abs().max().item() + 1)
+    assert err <= 2 * err_torch + 4 * unit, f"error {err:.3e}, PyTorch {err_torch:.3e}"

@@ -13,6 +13,7 @@
 #include "cutlass/conv/device/implicit_gemm_convolution.h"
 #include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/epilogue/thread/linear_combination_bias_elementwise.h"
+#include "cutlass_conv/launch.h"
 
 namespace fused_resnet {
 namespace {
@@ -44,33 +45,16 @@ const char* run(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const
                 const void* w, const float* bias, const void* residual, void* out,
                 cudaStream_t stream) {
   using Element = typename Conv::Device::ElementA;
-  const int n = int(pr.n), h = int(pr.h), wd = int(pr.w), c = int(plan.padded_c);
-  const int k = int(pr.k), r = int(pr.r), s = int(pr.s), p = int(plan.p), q = int(plan.q);
-  cutlass::conv::Conv2dProblemSize size(n, h, wd, c, k, r, s, p, q, int(pr.pad), int(pr.pad),
-                                        int(pr.stride), int(pr.stride), 1, 1,
-                                        cutlass::conv::Mode::kCrossCorrelation, 1, 1);
-  auto ref = [](const void* ptr, int d0, int d1, int d2, int d3) {
-    return cutlass::TensorRef<Element, Layout>(
-        static_cast<Element*>(const_cast<void*>(ptr)),
-        Layout::packed(cutlass::Tensor4DCoord(d0, d1, d2, d3)));
-  };
-  auto out_ref = ref(out, n, p, q, k);
+  using cutlass_launch::nhwc;
+  const int64_t c = plan.padded_c;
+  auto out_ref = nhwc<Element>(out, pr.n, plan.p, plan.q, pr.k);
   typename Conv::Device::Arguments args(
-      size, ref(x, n, h, wd, c), ref(w, k, r, s, c),
-      residual != nullptr ? ref(residual, n, p, q, k) : out_ref, out_ref,
-      {1.0f, residual != nullptr ? 1.0f : 0.0f}, cutlass::conv::SplitKMode::kSerial,
+      cutlass_launch::problem_size(pr, plan, c), nhwc<Element>(x, pr.n, pr.h, pr.w, c),
+      nhwc<Element>(w, pr.k, pr.r, pr.s, c),
+      residual != nullptr ? nhwc<Element>(residual, pr.n, plan.p, plan.q, pr.k) : out_ref,
+      out_ref, {1.0f, residual != nullptr ? 1.0f : 0.0f}, cutlass::conv::SplitKMode::kSerial,
       const_cast<float*>(bias), nullptr, 0, 0);
-  typename Conv::Device op;
-  if (op.can_implement(args) != cutlass::Status::kSuccess) {
-    return "CUTLASS can_implement rejected the problem (alignment or size)";
-  }
-  if (op.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS initialize failed";
-  }
-  if (op(stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS kernel launch failed";
-  }
-  return nullptr;
+  return cutlass_launch::run<typename Conv::Device>(args, stream);
 }
 
 template <typename Element, typename Act>

@@ -9,8 +9,10 @@ between them:
 
 `mean`/`var` are the batch statistics of `input` (conv2d_bn_stats gave them). On the Triton
 path the BN + ReLU is the conv kernel's prologue ("ConvBNfprop": applied to each input tile as
-it is loaded, so `a` is never written); the library path writes `a` once and runs
-conv2d_bn_stats on it; on CUDA the faster is measured per shape (ops.conv.choose_path).
+it is loaded, so `a` is never written); on the CUTLASS path (fp16) likewise, through CUTLASS's
+fprop mainloop fusion, with the statistics by the stats kernel; the library path writes `a`
+once and runs conv2d_bn_stats on it. On CUDA the fastest is measured per shape
+(ops.conv.choose_path).
 Autograd keeps
 `input` (the previous conv's raw output) and the per-channel statistics, not `a`: backward
 recomputes `a` and the ReLU mask in one elementwise pass, runs the conv backward on them, then
@@ -64,6 +66,10 @@ def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias:
         scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
         candidates["triton"] = lambda: _forward_triton(input, scale, shift, weight, stride,
                                                          padding)
+    if input.dtype == torch.float16 and input.shape[1] % 8 == 0:  # CUTLASS's fp16 transform
+        candidates["cutlass"] = lambda: conv_ops._with_stats(conv_ops._output_like(
+            ops.bn_relu_conv2d_cutlass(input, scale, shift, weight, stride[0], padding[0]),
+            input))
     path = conv_ops.choose_path("bn_relu_conv", candidates, input, weight, stride, padding,
                                 dilation, groups)
     return candidates[path]()

@@ -1,0 +1,73 @@
+// CUTLASS "ConvBNfprop": the previous layer's BN-apply + ReLU fused into this conv's operand
+// load (DefaultConv2dFpropFusion: the activation tile is transformed in registers with the
+// per-channel scale and bias, fma + relu in fp16; out-of-bounds elements are filled with a
+// NaN pattern that the transform turns into 0, so the zero padding stays zero). sm_80 tensor
+// cores, fp16 only: CUTLASS's transform is written for fp16 pairs (bf16 takes the Triton
+// prologue or the library path). Epilogue: the raw conv output, whose BN statistics the
+// caller computes. Torch-free: launched through bn_relu_conv.h.
+#include "cutlass_conv/bn_relu_conv.h"
+
+#include "cutlass/cutlass.h"
+// the kernel header before the device one: the device adapter uses helpers it declares
+#include "cutlass/conv/kernel/default_conv2d_fprop_fusion.h"
+#include "cutlass/conv/device/implicit_gemm_convolution_fusion.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass_conv/launch.h"
+
+namespace fused_resnet {
+namespace {
+
+using Layout = cutlass::layout::TensorNHWC;
+using Element = cutlass::half_t;
+
+template <typename Threadblock, typename Warp, int Stages>
+struct BnReluConv {
+  using Epilogue = cutlass::epilogue::thread::LinearCombination<Element, 8, float, float>;
+  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropFusion<
+      Element, Layout, Element, Layout, Element, cutlass::layout::RowMajor, Element, Layout,
+      float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, Threadblock, Warp,
+      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>, Stages,
+      cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
+  using Device = cutlass::conv::device::ImplicitGemmConvolutionFusion<Kernel>;
+};
+
+template <typename Conv>
+const char* run(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
+                const void* scale, const void* shift, const void* w, void* z,
+                cudaStream_t stream) {
+  using cutlass_launch::nhwc;
+  const int64_t c = pr.c;
+  auto vector = [c](const void* ptr) {  // per-input-channel scale / shift, a 1 x C row
+    return cutlass::TensorRef<Element, cutlass::layout::RowMajor>(
+        static_cast<Element*>(const_cast<void*>(ptr)),
+        cutlass::layout::RowMajor::packed(cutlass::MatrixCoord(1, int(c))));
+  };
+  auto z_ref = nhwc<Element>(z, pr.n, plan.p, plan.q, pr.k);
+  typename Conv::Device::Arguments args(
+      cutlass_launch::problem_size(pr, plan, c), nhwc<Element>(x, pr.n, pr.h, pr.w, c),
+      nhwc<Element>(w, pr.k, pr.r, pr.s, c), vector(scale), vector(shift), z_ref, z_ref,
+      {1.0f, 0.0f});
+  return cutlass_launch::run<typename Conv::Device>(args, stream);
+}
+
+}  // namespace
+
+const char* cutlass_bn_relu_conv2d(const CutlassConvProblem& problem,
+                                   const CutlassConvPlan& plan, const void* x,
+                                   const void* scale, const void* shift, const void* w, void* z,
+                                   cudaStream_t stream) {
+  if (plan.unsupported != nullptr) return plan.unsupported;
+  if (problem.c % kCutlassAlignment != 0) {
+    return "input channels not a multiple of 8 (the fused BN prologue has no channel padding)";
+  }
+  if (plan.tile == CutlassTile::kLarge) {
+    return run<BnReluConv<cutlass::gemm::GemmShape<128, 128, 32>,
+                          cutlass::gemm::GemmShape<64, 64, 32>, 3>>(problem, plan, x, scale,
+                                                                    shift, w, z, stream);
+  }
+  return run<BnReluConv<cutlass::gemm::GemmShape<64, 64, 32>, cutlass::gemm::GemmShape<32, 32, 32>,
+                        4>>(problem, plan, x, scale, shift, w, z, stream);
+}
+
+}  // namespace fused_resnet

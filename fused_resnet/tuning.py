@@ -71,7 +71,7 @@ def tuned_choice(key, candidates: dict, timer=None, persist: bool = False):
     (default: median CUDA time), measured the first time `key` is seen, then cached (also on
     disk when `persist`; a disk entry naming a candidate that is no longer offered is
     remeasured)."""
-    if key not in _cache:
+    if _cache.get(key) not in candidates:  # unseen, or remembered but no longer offered
         remembered = _load_disk().get(_disk_key(key)) if persist else None
         if remembered in candidates:
             _cache[key] = remembered
@@ -88,7 +88,10 @@ def cached(key):
     None."""
     if key in _cache:
         return _cache[key]
-    return _load_disk().get(_disk_key(key)) if cache_path() else None
+    remembered = _load_disk().get(_disk_key(key)) if cache_path() else None
+    if remembered is not None:
+        _cache[key] = remembered  # the next call is one dict lookup
+    return remembered
 
 
 def choices() -> dict:

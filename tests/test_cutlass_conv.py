@@ -262,3 +262,11 @@ def test_cutlass_bn_relu_conv_prologue(cfg):
     err_torch = (torch_same.double() - ref).abs().max().item()
     unit = torch.finfo(torch.float16).eps * (ref.abs().max().item() + 1)
     assert err <= 2 * err_torch + 4 * unit, f"error {err:.3e}, PyTorch {err_torch:.3e}"
+
+
+def test_remembered_choice_no_longer_offered_is_remeasured(fresh_tuning):
+    key = ("epilogue", 0, "shape")
+    tuning._save_disk(key, "cutlass")  # measured by an earlier build that had CUTLASS
+    assert tuning.cached(key) == "cutlass"
+    candidates = {"triton": lambda: 2.0, "library": lambda: 1.0}
+    assert tuning.tuned_choice(key, candidates, lambda fn: fn(), persist=True) == "library"

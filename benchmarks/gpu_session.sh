@@ -3,8 +3,14 @@
 # GPU cases, compute-sanitizer on the CUDA kernels, benchmarks + report). Run from the repository
 # root on the device machine:  bash benchmarks/gpu_session.sh
 # Results go to $OUT (or ./gpu-out); the markdown report also to benchmarks/results/.
+# The device machine cannot download: carry CUTLASS's headers with the call, prepared here by
+#   python3 -c "import cutlass_library, os, shutil; shutil.copytree(os.path.join(
+#     os.path.dirname(cutlass_library.__file__), 'source', 'include'), '.cutlass/include')"
+# (after pip install --no-deps -r requirements-build.txt; .cutlass/ is git-ignored, ~27 MB)
+# and the device tool's carry=[".cutlass"]; without them the CUTLASS kernels are left out.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
+if [ -d .cutlass/include ]; then export FUSED_RESNET_CUTLASS_INCLUDE=$PWD/.cutlass/include; fi
 mkdir -p "$OUT"
 log() { echo "=== $* ===" | tee -a "$OUT/summary.txt"; }
 

@@ -15,6 +15,7 @@ from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
+from fused_resnet.bench.memory import saved_activation_bytes
 from fused_resnet.verify import compare
 
 # "timm:<name>" is timm.create_model(<name>): resnet50d has the deep stem and avg-pool shortcuts
@@ -142,21 +143,6 @@ def test_state_dict_round_trips(name):
         assert torch.equal(a, b), k
 
 
-def _saved_activation_bytes(model, x) -> int:
-    """Bytes autograd keeps for backward after a training forward: distinct storages of the
-    saved tensors, parameters and buffers excluded."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    return sum(n for ptr, n in storages.items() if ptr not in state)
-
-
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "timm:resnet50d"])
 def test_training_keeps_less_for_backward_than_eager(name):
     """Eager keeps, per block, each conv's output (for BN) and each activation (for the next
@@ -167,7 +153,7 @@ def test_training_keeps_less_for_backward_than_eager(name):
     model = _model(name).train()
     fused = fr.fuse_(copy.deepcopy(model))
     x = torch.randn(4, 3, 64, 64)
-    eager, ours = _saved_activation_bytes(model, x), _saved_activation_bytes(fused, x)
+    eager, ours = saved_activation_bytes(model, x), saved_activation_bytes(fused, x)
     assert ours <= 0.9 * eager, f"fused keeps {ours / eager:.3f}x of eager's saved bytes"
 
 

@@ -176,6 +176,9 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     kh, kw, _, c_out = w_packed.shape
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (w + 2 * padding - kw) // stride + 1
+    if prologue is not None and shortcut is not None:
+        raise ValueError("conv2d_nhwc: the BN + ReLU prologue applies to the main input only; "
+                         "no shortcut with it")
     if n * oh * ow >= 2**31 - 256:
         raise ValueError(f"conv2d_nhwc: {n * oh * ow} output pixels exceed the int32 pixel index")
     x = x.contiguous(memory_format=torch.channels_last)

@@ -5,10 +5,7 @@ import pytest
 import torch
 
 from fused_resnet.bench import environment as env
-
-
-def environment(device: str) -> dict:
-    return env.environment(device)
+from fused_resnet.bench.environment import environment
 
 
 @pytest.fixture(scope="session")

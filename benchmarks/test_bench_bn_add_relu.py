@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
-from conftest import environment
 from fused_resnet import backend
+from fused_resnet.bench.environment import environment
 
 GPU_SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 CPU_SHAPES = [(8, 64, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]

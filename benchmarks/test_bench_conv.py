@@ -22,7 +22,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fused_resnet as fr
 from conftest import gpu as _gpu, time_and_record, with_triton

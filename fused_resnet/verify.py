@@ -49,6 +49,13 @@ def compare(name: str, got: torch.Tensor, ref64: torch.Tensor, torch_same_dtype:
     return Comparison(name, err, err_torch, allowed)
 
 
+def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64: the measure for whole gradients and conv outputs,
+    where one element's ReLU decision or rounding must not dominate."""
+    ref = ref.double()
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def make_bn(channels, *, affine=True, track_running_stats=True, momentum=0.1, device="cpu"):
     """An nn.BatchNorm2d with non-trivial parameters and running statistics."""
     bn = torch.nn.BatchNorm2d(channels, affine=affine, track_running_stats=track_running_stats,

@@ -16,7 +16,7 @@ from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
 from fused_resnet.bench.memory import saved_activation_bytes
-from fused_resnet.verify import compare
+from fused_resnet.verify import compare, normwise_error
 
 # "timm:<name>" is timm.create_model(<name>): resnet50d has the deep stem and avg-pool shortcuts
 FAST = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "timm:resnet18",
@@ -90,14 +90,10 @@ def test_training_composition_exact_in_float64(name):
         for step, ((logits, grads), (logits_p, grads_p)) in _train_steps([fused, plain]):
             torch.testing.assert_close(logits, logits_p, rtol=1e-7, atol=1e-9)
             for (pname, _), g, gp in zip(fused.named_parameters(), grads, grads_p):
-                err = _normwise(g, gp)
+                err = normwise_error(g, gp)
                 assert err <= 1e-8, f"step {step} grad {pname}: normwise difference {err:.2e}"
     for (bname, b), c in zip(fused.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-7, atol=1e-9, msg=lambda m: f"{bname}: {m}")
-
-
-def _normwise(a, ref):
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("name", CONSTRUCTORS)
@@ -117,11 +113,11 @@ def test_training_steps_match_torchvision(name):
             _train_steps([fused, plain, ref]):
         _assert_close_to_reference(f"step {step} logits", logits, logits_p, logits_r)
         for (pname, _), g, gp, gr in zip(fused.named_parameters(), grads, grads_p, grads_r):
-            err, err_plain = _normwise(g, gr), _normwise(gp, gr)
+            err, err_plain = normwise_error(g, gr), normwise_error(gp, gr)
             assert err <= max(4 * err_plain, 0.1), \
                 f"step {step} grad {pname}: normwise error {err:.2e}, plain {err_plain:.2e}"
         flat = [torch.cat([t.flatten().double() for t in gs]) for gs in (grads, grads_p, grads_r)]
-        err, err_plain = _normwise(flat[0], flat[2]), _normwise(flat[1], flat[2])
+        err, err_plain = normwise_error(flat[0], flat[2]), normwise_error(flat[1], flat[2])
         assert err <= max(4 * err_plain, 1e-3), f"step {step} all gradients: {err:.2e}"
     for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):
         if b.dtype == torch.long:
@@ -428,7 +424,7 @@ def test_training_gradients_cuda_autocast(name, dtype):
             torch.nn.functional.cross_entropy(logits.double(), target).backward()
             grads.append([p.grad for p in model.parameters()])
         for (pname, _), g, gp, gr in zip(fused.named_parameters(), *grads):
-            err, err_plain = _normwise(g, gr), _normwise(gp, gr)
+            err, err_plain = normwise_error(g, gr), normwise_error(gp, gr)
             assert err <= max(4 * err_plain, 0.05), \
                 f"step {step} grad {pname}: normwise error {err:.2e}, plain {err_plain:.2e}"
     for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):

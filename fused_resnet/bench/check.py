@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from fused_resnet.verify import normwise_error
+
 
 MARGIN = 4
 GRADIENT_FLOOR = 5e-2
@@ -37,10 +39,6 @@ class Reference(NamedTuple):
 
 def _flat(grads) -> torch.Tensor:
     return torch.cat([g.double().flatten() for g in grads if g is not None])
-
-
-def _normwise(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def reference(model, eager_runner, x, target, mode: str) -> Reference:
@@ -79,8 +77,8 @@ def check(runner, ref: Reference, x, target, mode: str) -> dict:
     result = {"ok": error <= allowed and bool(torch.isfinite(logits).all()),
               "logits_error": error, "logits_allowed": allowed}
     if mode == "training":
-        err = _normwise(_flat(grads), ref.grads64)
-        allowed = max(MARGIN * _normwise(ref.grads_eager, ref.grads64),
+        err = normwise_error(_flat(grads), ref.grads64)
+        allowed = max(MARGIN * normwise_error(ref.grads_eager, ref.grads64),
                       GRADIENT_FLOOR)
         result.update(grad_error=err, grad_allowed=allowed, ok=result["ok"] and err <= allowed)
     return result

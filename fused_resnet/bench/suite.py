@@ -86,10 +86,10 @@ class _Progress:
         else:
             print(f"[{self._done}/{self._total}] {text}", flush=True)
 
-    def step(self):
-        self._done += 1
+    def step(self, count: int = 1):
+        self._done += count
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(count)
 
     def close(self):
         if self._bar is not None:
@@ -101,9 +101,9 @@ def _provider_list(config: Config) -> list:
 
 
 def run(config: Config, build=None) -> dict:
-    """Run the suite; returns the result dict that report.py renders (and writes it, the
-    markdown and the plots into config.out_dir). `build(name, model, device, dtype)` makes a
-    provider (tests inject wrong ones through it)."""
+    """Run the suite; returns the result dict that report.py renders and write() saves.
+    `build(name, model, device, dtype)` makes a provider (tests inject wrong ones through
+    it)."""
     build = build or providers.build
     dtype = DTYPES[config.dtype]
     names = _provider_list(config)
@@ -144,8 +144,7 @@ def _run_model(config, model_name, names, dtype, build, result, progress):
             for mode in config.modes:
                 result["rows"].append({**row_base, "mode": mode, "status": "unavailable",
                                        "reason": reason})
-                for _ in range(config.repeats + 1):
-                    progress.step()
+                progress.step(config.repeats + 1)
             continue
         progress.describe(f"{model_name} {name}: building")
         runner = build(name, model, config.device, dtype)
@@ -157,14 +156,12 @@ def _run_model(config, model_name, names, dtype, build, result, progress):
             except Exception as error:  # a provider that crashes is reported, not fatal
                 row.update(status="error", reason=f"{type(error).__name__}: {error}")
                 result["rows"].append(row)
-                for _ in range(config.repeats + 1):
-                    progress.step()
+                progress.step(config.repeats + 1)
                 continue
             progress.step()
             if not row["check"]["ok"]:
                 row.update(status="wrong", reason="output disagrees with eager PyTorch")
-                for _ in range(config.repeats):
-                    progress.step()
+                progress.step(config.repeats)
             else:
                 progress.describe(f"{model_name} {name} {mode}: timing")
                 row.update(status="ok", **_time(runner, mode, timed, config, progress))

@@ -57,13 +57,14 @@ def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias:
                             mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                             stride: list[int], padding: list[int], dilation: list[int],
                             groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
+
     def library():
-        activation, _ = _activation(input, bn_weight, bn_bias, mean, var, eps, False)
+        activation, _ = _run("bn_add_relu_apply", input, input, None, scale, shift, True, False)
         return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
 
     candidates = {"library": library}
     if input.dtype != torch.float64:
-        scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
         candidates["triton"] = lambda: _forward_triton(input, scale, shift, weight, stride,
                                                          padding)
     if input.dtype == torch.float16 and input.shape[1] % 8 == 0:  # CUTLASS's fp16 transform

@@ -178,6 +178,8 @@ def agreeing(op: str, candidates: dict) -> dict:
     run once before the timing): a kernel that never ran on this GPU before must not win the
     measurement by being fast and wrong. A disagreeing one is left out for this shape, with a
     warning that names it."""
+    from fused_resnet.verify import normwise_error  # verify imports the ops: not at load
+
     if "library" not in candidates:
         return candidates
     reference = _as_tuple(candidates["library"]())
@@ -186,9 +188,7 @@ def agreeing(op: str, candidates: dict) -> dict:
         if name == "library":
             continue
         got = _as_tuple(fn())
-        errors = [((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-                  for a, b in zip(got, reference)]
-        worst = max(errors)
+        worst = max(normwise_error(a, b) for a, b in zip(got, reference))
         if worst <= AGREEMENT:  # NaN compares False: left out too
             kept[name] = fn
         else:

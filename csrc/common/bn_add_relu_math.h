@@ -28,6 +28,16 @@ FR_HD void welford_add(WelfordState& s, float x) {
   s.m2 += delta * (x - s.mean);
 }
 
+// Chan et al.'s update of one channel's (mean, m2) by a part b holding a share
+// b_share = n_b / (n_a + n_b) of the elements; a_count = n_a. The division that gives b_share
+// is the caller's: channels that always hold equal counts share it (welford_channels_combine).
+FR_HD void chan_update(float& mean, float& m2, float b_mean, float b_m2, float b_share,
+                       float a_count) {
+  const float delta = b_mean - mean;
+  mean += delta * b_share;
+  m2 += b_m2 + delta * delta * a_count * b_share;
+}
+
 FR_HD void welford_combine(WelfordState& a, const WelfordState& b) {
   if (b.count == 0) return;
   if (a.count == 0) {
@@ -36,9 +46,7 @@ FR_HD void welford_combine(WelfordState& a, const WelfordState& b) {
   }
   const int64_t n = a.count + b.count;
   const float b_share = static_cast<float>(b.count) / static_cast<float>(n);
-  const float delta = b.mean - a.mean;
-  a.mean += delta * b_share;
-  a.m2 += b.m2 + delta * delta * static_cast<float>(a.count) * b_share;
+  chan_update(a.mean, a.m2, b.mean, b.m2, b_share, static_cast<float>(a.count));
   a.count = n;
 }
 
@@ -65,12 +73,6 @@ FR_HD void grad_sums_combine(GradSums& a, const GradSums& b) {
   a.sum_dz += b.sum_dz;
   a.sum_dz_xmu += b.sum_dz_xmu;
 }
-
-// Merges partial reduction states of either kind (what the generic reductions call).
-struct MergeStates {
-  FR_HD void operator()(WelfordState& a, const WelfordState& b) const { welford_combine(a, b); }
-  FR_HD void operator()(GradSums& a, const GradSums& b) const { grad_sums_combine(a, b); }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Per-channel finishing math, run once per channel at the end of the reductions.
@@ -194,5 +196,157 @@ FR_HD void backward_group8(const float* grad, uint8_t bits, const float* x, int 
     w.next();
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reductions over groups of items, as the CUDA reductions run them (tests/cpp/cuda_reduce_sim.cpp
+// runs the same functions on the CPU). A lane reads items of E consecutive elements (E = 1, or
+// 8 = one 16-byte vector of 16-bit values) in which element e belongs to the lane's channel
+// e % K: K = 1 when the whole item is one channel's (a scalar, or 8 elements of an NCHW plane),
+// K = 8 = E for 8 consecutive channels of an NHWC row. The lane reduces a group of N items in
+// registers to each channel's exact mean and M2 (the mean by a multiply with the compile-time
+// 1/count), then merges the group into its running state: one division per group, shared by
+// the K channels, instead of one per element as welford_add pays.
+
+// Welford states of K channels that always hold the same number of elements: one count.
+template <int K>
+struct WelfordChannels {
+  static constexpr int kChannels = K;
+  float mean[K];
+  float m2[K];
+  int64_t count;
+};
+
+// sum(dz) and sum(dz * (x - mean)) of K channels.
+template <int K>
+struct GradSumsChannels {
+  static constexpr int kChannels = K;
+  GradSums ch[K];
+};
+
+// out[k] = sum of col[e] over the positions e of channel k (e % K == k), in order of e.
+template <int K, int E>
+FR_HD void fold_positions(const float (&col)[E], float (&out)[K]) {
+  static_assert(E % K == 0, "an item holds the same number of elements of each of its channels");
+  FR_UNROLL
+  for (int k = 0; k < K; ++k) out[k] = col[k];
+  FR_UNROLL
+  for (int e = K; e < E; ++e) out[e % K] += col[e];
+}
+
+// The exact mean and M2 of each channel over a group of N items of E elements (values in fp32).
+// Two passes over registers; the sums run per position e over the items first (E independent
+// chains, then folded into channels), which shortens the dependency chains and the rounding.
+template <int K, int N, int E>
+FR_HD WelfordChannels<K> welford_of_group(const float (&v)[N][E]) {
+  constexpr int kCount = N * E / K;  // elements of each channel in the group
+  // Exact for the power-of-two counts the kernels use; otherwise within an ulp, which the
+  // second pass (deviations from that mean) absorbs.
+  constexpr float kInvCount = 1.f / kCount;
+  WelfordChannels<K> r;
+  float col[E];
+  FR_UNROLL
+  for (int e = 0; e < E; ++e) {
+    col[e] = v[0][e];
+    FR_UNROLL
+    for (int n = 1; n < N; ++n) col[e] += v[n][e];
+  }
+  fold_positions(col, r.mean);
+  FR_UNROLL
+  for (int k = 0; k < K; ++k) r.mean[k] *= kInvCount;
+  FR_UNROLL
+  for (int e = 0; e < E; ++e) {
+    col[e] = 0.f;
+    FR_UNROLL
+    for (int n = 0; n < N; ++n) {
+      const float d = v[n][e] - r.mean[e % K];
+      col[e] += d * d;
+    }
+  }
+  fold_positions(col, r.m2);
+  r.count = kCount;
+  return r;
+}
+
+// Chan et al.'s merge of K channels at once: one division for all of them.
+template <int K>
+FR_HD void welford_channels_combine(WelfordChannels<K>& a, const WelfordChannels<K>& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const int64_t n = a.count + b.count;
+  const float b_share = static_cast<float>(b.count) / static_cast<float>(n);
+  const float a_count = static_cast<float>(a.count);
+  FR_UNROLL
+  for (int k = 0; k < K; ++k) chan_update(a.mean[k], a.m2[k], b.mean[k], b.m2[k], b_share, a_count);
+  a.count = n;
+}
+
+// Bit e of the result is the ReLU mask bit of element first + e of an item of E elements.
+// E == 8 requires first % 8 == 0: the item is then exactly one byte of the packed mask.
+template <int E>
+FR_HD uint8_t item_mask_bits(const uint8_t* mask, int64_t first) {
+  static_assert(E == 1 || E == 8, "items are single elements or whole mask bytes");
+  if constexpr (E == 8) {
+    return mask[first >> 3];
+  } else {
+    return static_cast<uint8_t>(mask_bit(mask, first));
+  }
+}
+
+// The gradient sums of each channel over a group of N items (bits[n]: item n's mask bits, as
+// item_mask_bits gives), summed per position first like welford_of_group.
+template <int K, int N, int E>
+FR_HD GradSumsChannels<K> grad_sums_of_group(const float (&grad)[N][E], const uint8_t (&bits)[N],
+                                             const float (&x)[N][E], const float (&mean)[K],
+                                             bool relu) {
+  GradSums col[E];
+  FR_UNROLL
+  for (int e = 0; e < E; ++e) {
+    col[e] = grad_sums_empty();
+    FR_UNROLL
+    for (int n = 0; n < N; ++n)
+      grad_sums_add(col[e], relu_backward(grad[n][e], (bits[n] >> e) & 1, relu), x[n][e],
+                    mean[e % K]);
+  }
+  GradSumsChannels<K> r;
+  FR_UNROLL
+  for (int k = 0; k < K; ++k) r.ch[k] = col[k];
+  FR_UNROLL
+  for (int e = K; e < E; ++e) grad_sums_combine(r.ch[e % K], col[e]);
+  return r;
+}
+
+template <int K>
+FR_HD void grad_sums_channels_combine(GradSumsChannels<K>& a, const GradSumsChannels<K>& b) {
+  FR_UNROLL
+  for (int k = 0; k < K; ++k) grad_sums_combine(a.ch[k], b.ch[k]);
+}
+
+// Channel k's own state, as the per-channel partial results store it.
+template <int K>
+FR_HD WelfordState channel_state(const WelfordChannels<K>& s, int k) {
+  return WelfordState{s.mean[k], s.m2[k], s.count};
+}
+
+template <int K>
+FR_HD GradSums channel_state(const GradSumsChannels<K>& s, int k) {
+  return s.ch[k];
+}
+
+// Merges partial reduction states of any kind (what the generic reductions call).
+struct MergeStates {
+  FR_HD void operator()(WelfordState& a, const WelfordState& b) const { welford_combine(a, b); }
+  FR_HD void operator()(GradSums& a, const GradSums& b) const { grad_sums_combine(a, b); }
+  template <int K>
+  FR_HD void operator()(WelfordChannels<K>& a, const WelfordChannels<K>& b) const {
+    welford_channels_combine(a, b);
+  }
+  template <int K>
+  FR_HD void operator()(GradSumsChannels<K>& a, const GradSumsChannels<K>& b) const {
+    grad_sums_channels_combine(a, b);
+  }
+};
 
 }  // namespace fused_resnet

@@ -6,7 +6,10 @@
 // same for NCHW and NHWC since everything is in memory order; the channel of each element comes
 // from a ChannelWalker. Reductions (stats, grad_reduce): partial states over a 2-D grid
 // (channel tiles x splits of the per-channel elements), then one block per channel merges the
-// partials in a fixed order (deterministic, no atomics).
+// partials in a fixed order (deterministic, no atomics). Their lanes read 16-byte vectors (8
+// channels of an NHWC row, or 8 elements of an NCHW plane) where the geometry and alignment
+// allow, single elements otherwise, several loads in flight, and reduce each group of loads in
+// registers before one merge (one division) per group.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,19 +49,30 @@ struct Vec8 {
   uint4 chunk[kChunks];
 };
 
+// The 8 elements at p + i0 (16-byte aligned) as raw 16-byte vectors, through the read-only path.
+template <typename T>
+__device__ __forceinline__ Vec8<T> load_vec8(const T* __restrict__ p, int64_t i0) {
+  Vec8<T> raw;
+  const uint4* src = reinterpret_cast<const uint4*>(p + i0);
+#pragma unroll
+  for (int j = 0; j < Vec8<T>::kChunks; ++j) raw.chunk[j] = __ldg(src + j);
+  return raw;
+}
+
+template <typename T>
+__device__ __forceinline__ void vec8_to_float(const Vec8<T>& raw, float* v) {
+  const T* e = reinterpret_cast<const T*>(raw.chunk);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = to_float(e[k]);
+}
+
 // Loads the group of up to 8 elements starting at i0 into fp32. VEC: the tensor's element count
 // is a multiple of 8 and the pointer 16-byte aligned, so the group is whole and aligned.
 template <typename T, bool VEC>
 __device__ __forceinline__ int load8(const T* __restrict__ p, int64_t i0, int64_t numel,
                                      float* v) {
   if constexpr (VEC) {
-    Vec8<T> raw;
-    const uint4* src = reinterpret_cast<const uint4*>(p + i0);
-#pragma unroll
-    for (int j = 0; j < Vec8<T>::kChunks; ++j) raw.chunk[j] = __ldg(src + j);
-    const T* e = reinterpret_cast<const T*>(raw.chunk);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = to_float(e[k]);
+    vec8_to_float(load_vec8(p, i0), v);
     return 8;
   }
   const int count = static_cast<int>(numel - i0 < 8 ? numel - i0 : 8);
@@ -137,13 +151,43 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reductions: the split, the lane accumulation and the merge steps are the __host__ __device__
-// functions of common/reduce_plan.h (also run on the CPU by tests/cpp/cuda_reduce_sim.cpp).
+// Reductions: the split, the lane accumulation, the merge steps and the per-group math are the
+// __host__ __device__ functions of common/reduce_plan.h and common/bn_add_relu_math.h (also run
+// on the CPU by tests/cpp/cuda_reduce_sim.cpp). One kernel per reduction and dtype takes the
+// plan's path (uniform over the grid): single elements, or 16-byte vectors of 8 elements.
+
+// Loads the N items of E elements of `items` into fp32, all loads issued before any is used.
+// E == 8: each item is 16-byte aligned (reduce_path checked the base pointer, and items start at
+// multiples of 8 elements).
+template <typename T, int E, int N>
+__device__ __forceinline__ void load_items(const T* __restrict__ p, const ItemGroup<E, N>& items,
+                                           float (&v)[N][E]) {
+  if constexpr (E == kVectorElements) {
+    Vec8<T> raw[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) raw[n] = load_vec8(p, items.first[n]);
+#pragma unroll
+    for (int n = 0; n < N; ++n) vec8_to_float(raw[n], v[n]);
+  } else {
+    static_assert(E == 1, "items are single elements or 16-byte vectors");
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n][0] = to_float(__ldg(p + items.first[n]));
+  }
+}
+
 template <typename T>
 struct StatsAccumulate {
+  template <int K>
+  using Lane = WelfordChannels<K>;
+  static constexpr int kTensorsRead = 1;
   const T* x;
-  __device__ void operator()(WelfordState& s, int64_t i, int64_t) const {
-    welford_add(s, to_float(x[i]));
+  template <int K>
+  __device__ StatsAccumulate for_item_channel(int64_t) const { return *this; }
+  template <int E, int N, int K>
+  __device__ void operator()(WelfordChannels<K>& s, const ItemGroup<E, N>& items) const {
+    float v[N][E];
+    load_items(x, items, v);
+    welford_channels_combine(s, welford_of_group<K>(v));
   }
 };
 
@@ -161,15 +205,44 @@ struct StatsFinish {
 };
 
 template <typename T>
-struct GradAccumulate {
+struct GradInputs {
   const T* grad;
-  const uint8_t* mask;
+  const uint8_t* mask;  // nullptr without ReLU
   const T* x;
-  const float* mean;
   bool relu;
-  __device__ void operator()(GradSums& s, int64_t i, int64_t c) const {
-    const float dz = relu_backward(to_float(grad[i]), relu && mask_bit(mask, i), relu);
-    grad_sums_add(s, dz, to_float(x[i]), mean[c]);
+};
+
+// The gradient sums of K channels whose means it holds.
+template <typename T, int K>
+struct GradChannelsAccumulate {
+  GradInputs<T> in;
+  float mean[K];
+  template <int E, int N>
+  __device__ void operator()(GradSumsChannels<K>& s, const ItemGroup<E, N>& items) const {
+    float g[N][E], xv[N][E];
+    uint8_t bits[N];
+    load_items(in.grad, items, g);
+    load_items(in.x, items, xv);
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+      bits[n] = in.relu ? item_mask_bits<E>(in.mask, items.first[n]) : 0;
+    grad_sums_channels_combine(s, grad_sums_of_group<K>(g, bits, xv, mean, in.relu));
+  }
+};
+
+template <typename T>
+struct GradAccumulate {
+  template <int K>
+  using Lane = GradSumsChannels<K>;
+  static constexpr int kTensorsRead = 2;  // grad and x (and a mask byte per item)
+  GradInputs<T> in;
+  const float* mean;
+  template <int K>
+  __device__ GradChannelsAccumulate<T, K> for_item_channel(int64_t c) const {
+    GradChannelsAccumulate<T, K> r{in, {}};
+#pragma unroll
+    for (int k = 0; k < K; ++k) r.mean[k] = mean[c * K + k];
+    return r;
   }
 };
 
@@ -202,18 +275,41 @@ __device__ void merge_block_lanes(State* lanes, int channel_lanes) {
   }
 }
 
-template <typename State, typename Acc>
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_partial_kernel(Acc acc, State empty, Geometry g, ReducePlan plan,
-                          State* __restrict__ partial) {
-  __shared__ State lanes[kReduceThreads];
+// The block's part of the plan with lanes of Lane = Acc::Lane<K> over items of E elements:
+// accumulate, merge the lanes in shared memory, store per-channel partial states.
+template <int E, int K, typename Acc, typename Partial>
+__device__ __forceinline__ void reduce_block(const Acc& acc, const ReducePlan& plan,
+                                             void* shared, Partial* __restrict__ partial) {
+  using Lane = typename Acc::template Lane<K>;
+  Lane* lanes = static_cast<Lane*>(shared);
   lanes[threadIdx.x] =
-      accumulate_lane(g, plan, blockIdx.x, blockIdx.y, threadIdx.x, acc, empty);
+      accumulate_lane<E>(plan, blockIdx.x, blockIdx.y, threadIdx.x, acc, Lane{});  // {}: empty
   __syncthreads();
   merge_block_lanes(lanes, plan.channel_lanes);
   const int64_t c = int64_t{blockIdx.x} * plan.channel_lanes + threadIdx.x;
-  if (threadIdx.x < plan.channel_lanes && c < g.channels)
-    partial[int64_t{blockIdx.y} * g.channels + c] = lanes[threadIdx.x];
+  if (threadIdx.x < plan.channel_lanes && c < plan.items.channels)
+    store_lane_result(lanes[threadIdx.x], c, partial);
+}
+
+template <typename Acc>
+constexpr size_t kLaneBytes = std::max(sizeof(typename Acc::template Lane<1>),
+                                       sizeof(typename Acc::template Lane<kVectorElements>));
+
+// Partial states of split blockIdx.y into partial[blockIdx.y * channels + c].
+template <typename Acc, typename Partial>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_partial_kernel(Acc acc, ReducePlan plan, int64_t channels,
+                          Partial* __restrict__ partial) {
+  // The lanes of whichever path runs: one buffer for the differently sized lane states.
+  __shared__ __align__(16) unsigned char lanes[kReduceThreads * kLaneBytes<Acc>];
+  partial += int64_t{blockIdx.y} * channels;
+  switch (plan.path) {
+    case ReducePath::Scalar: return reduce_block<1, 1>(acc, plan, lanes, partial);
+    case ReducePath::ChannelVectors:
+      return reduce_block<kVectorElements, kVectorElements>(acc, plan, lanes, partial);
+    case ReducePath::PlaneVectors:
+      return reduce_block<kVectorElements, 1>(acc, plan, lanes, partial);
+  }
 }
 
 // One block per channel merges that channel's partials, in split order within each lane.
@@ -232,14 +328,15 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) finish(c, lanes[0]);
 }
 
+// path: reduce_path's answer for the pointers acc reads.
 template <typename State, typename Acc, typename Finish>
-cudaError_t reduce_per_channel(Geometry g, Acc acc, State empty, Finish finish, void* workspace,
-                               cudaStream_t stream) {
+cudaError_t reduce_per_channel(Geometry g, ReducePath path, Acc acc, State empty, Finish finish,
+                               void* workspace, cudaStream_t stream) {
   if (g.channels == 0) return cudaSuccess;
-  const ReducePlan p = reduce_plan(g);
+  const ReducePlan p = reduce_plan(g, path);
   State* partial = static_cast<State*>(workspace);
   const dim3 grid(static_cast<unsigned>(p.channel_tiles), static_cast<unsigned>(p.splits));
-  reduce_partial_kernel<<<grid, kReduceThreads, 0, stream>>>(acc, empty, g, p, partial);
+  reduce_partial_kernel<<<grid, kReduceThreads, 0, stream>>>(acc, p, g.channels, partial);
   reduce_final_kernel<<<static_cast<unsigned>(g.channels), kReduceThreads, 0, stream>>>(
       partial, p.splits, g.channels, empty, finish);
   return cudaGetLastError();
@@ -254,8 +351,6 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   }
   return cudaErrorInvalidValue;
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Vector loads need whole, aligned groups: numel % 8 == 0 and 16-byte aligned pointers.
 bool can_vectorize(Geometry g, std::initializer_list<const void*> ptrs) {
@@ -273,8 +368,7 @@ unsigned elementwise_blocks(Geometry g) {
 
 template <typename State>
 size_t workspace_bytes(Geometry g) {
-  const ReducePlan p = reduce_plan(g);
-  return static_cast<size_t>(p.splits * g.channels) * sizeof(State);
+  return static_cast<size_t>(max_reduce_splits(g) * g.channels) * sizeof(State);
 }
 
 }  // namespace
@@ -288,7 +382,7 @@ cudaError_t bn_stats(DType dtype, const void* x, Geometry g, const float* weight
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return reduce_per_channel(
-        g, StatsAccumulate<T>{static_cast<const T*>(x)}, welford_empty(),
+        g, reduce_path(g, {x}), StatsAccumulate<T>{static_cast<const T*>(x)}, welford_empty(),
         StatsFinish{weight, bias, eps, out.mean, out.var, out.scale, out.shift}, workspace,
         stream);
   });
@@ -316,10 +410,10 @@ cudaError_t bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t
                                     cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    GradAccumulate<T> acc{static_cast<const T*>(grad), mask, static_cast<const T*>(x), mean,
-                          relu};
+    const GradAccumulate<T> acc{
+        {static_cast<const T*>(grad), mask, static_cast<const T*>(x), relu}, mean};
     return reduce_per_channel(
-        g, acc, grad_sums_empty(),
+        g, reduce_path(g, {grad, x}), acc, grad_sums_empty(),
         GradFinish{var, weight, eps, g.per_channel(), training, out}, workspace, stream);
   });
 }

@@ -11,9 +11,14 @@ GPU-less machine with a CUDA toolkit builds the CUDA kernels too:
   FUSED_RESNET_CUTLASS_INCLUDE), unless FUSED_RESNET_SKIP_CUTLASS=1.
 - Architectures: TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90 (plus PTX for newer GPUs).
 - Parallel compile jobs: MAX_JOBS (read by torch's BuildExtension / ninja).
+- Source stamp: a hash of csrc/ and this file (fused_resnet/_build_stamp.py), compiled into _C
+  from a generated one-line source in the build directory, so fused_resnet.info() can say which
+  sources the installed _C was built from (benchmarks/gpu_session.sh rebuilds only when the
+  tree's stamp differs). Only that generated file recompiles when the stamp changes.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -26,6 +31,16 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 def _log(msg):
     print(f"[fused_resnet build] {msg}", flush=True)
+
+
+def _load_build_stamp():
+    """fused_resnet/_build_stamp.py by path: the package itself is not importable while it is
+    being built (and needs no import to compute a stamp)."""
+    spec = importlib.util.spec_from_file_location(
+        "_fused_resnet_build_stamp", os.path.join(ROOT, "fused_resnet", "_build_stamp.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _default_cuda_home():
@@ -139,7 +154,27 @@ def _cmdclass():
     use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
     if not use_ninja:
         _log("ninja not found: compiling sources one at a time")
-    return {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
+
+    class BuildWithStamp(BuildExtension):
+        """torch's BuildExtension, plus the source stamp compiled into _C from a generated
+        file in the build directory (rewritten only when the stamp changes)."""
+
+        def build_extensions(self):
+            stamps = _load_build_stamp()
+            stamp = stamps.source_stamp(ROOT)
+            path = os.path.abspath(os.path.join(self.build_temp, "fused_resnet_source_stamp.cpp"))
+            text = stamps.stamp_source(stamp)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path) or open(path).read() != text:
+                with open(path, "w") as f:
+                    f.write(text)
+            for ext in self.extensions:
+                if ext.name == "fused_resnet._C" and path not in ext.sources:
+                    ext.sources.append(path)
+            _log(f"source stamp {stamp} (csrc/ and setup.py)")
+            super().build_extensions()
+
+    return {"build_ext": BuildWithStamp.with_options(use_ninja=use_ninja)}
 
 
 def _has_ninja_module():

@@ -1,5 +1,10 @@
 """Benchmark setup: every row records the device, versions and date (pytest-benchmark's
-extra_info), so a JSON file stands on its own."""
+extra_info), so a JSON file stands on its own.
+
+FUSED_RESNET_BENCH_TINY=1: every suite takes tiny shapes instead of its GPU / CPU lists (the
+dry run of benchmarks/gpu_session.sh: the same code paths, done in seconds on a CPU)."""
+
+import os
 
 import pytest
 import torch
@@ -24,6 +29,11 @@ def copy_bandwidth_gbps(bench_device):
 
 def gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def tiny() -> bool:
+    """FUSED_RESNET_BENCH_TINY=1: tiny shapes (a smoke run of the suites, not a measurement)."""
+    return os.environ.get("FUSED_RESNET_BENCH_TINY", "0") == "1"
 
 
 def with_triton(names: list) -> list:

@@ -16,7 +16,7 @@ import torch
 from torchvision.models import resnet50
 
 import fused_resnet as fr
-from conftest import gpu as _gpu, time_and_record, with_triton
+from conftest import gpu as _gpu, time_and_record, tiny, with_triton
 from fused_resnet import backend
 from fused_resnet.verify import normwise_error
 
@@ -24,6 +24,7 @@ from fused_resnet.verify import normwise_error
 BLOCKS = [("layer1", 0, 56), ("layer1", 1, 56), ("layer2", 0, 56), ("layer2", 1, 28),
           ("layer3", 0, 28), ("layer3", 1, 14), ("layer4", 0, 14), ("layer4", 1, 7)]
 CPU_BLOCKS = [("layer1", 1, 14), ("layer3", 0, 7)]
+TINY_BLOCKS = [("layer1", 1, 4)]  # FUSED_RESNET_BENCH_TINY=1
 
 
 def _block(stage, index, device):
@@ -45,11 +46,12 @@ def _module(provider, block):
 
 
 @pytest.mark.parametrize("mode", ["eval_fwd", "train_fwdbwd"])
-@pytest.mark.parametrize("cfg", BLOCKS if _gpu() else CPU_BLOCKS, ids=lambda c: f"{c[0]}.{c[1]}")
+@pytest.mark.parametrize("cfg", TINY_BLOCKS if tiny() else BLOCKS if _gpu() else CPU_BLOCKS,
+                         ids=lambda c: f"{c[0]}.{c[1]}")
 @pytest.mark.parametrize("provider", with_triton(["eager", "compiled", "fused"]))
 def test_block(benchmark, provider, cfg, mode, bench_device):
     stage, index, hw = cfg
-    n = 256 if _gpu() else 4
+    n = 2 if tiny() else 256 if _gpu() else 4
     block = _block(stage, index, bench_device)
     c_in = block.conv1.in_channels
     x = torch.randn(n, c_in, hw, hw, device=bench_device).contiguous(

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet as fr
+from conftest import tiny
 from fused_resnet import backend
 from fused_resnet.bench.environment import environment
 
 GPU_SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 CPU_SHAPES = [(8, 64, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
+TINY_SHAPES = [(2, 16, 4, 4)]  # FUSED_RESNET_BENCH_TINY=1
 MODES = ["eval_fwd", "train_fwd", "train_fwdbwd"]
 
 
@@ -34,6 +36,8 @@ def _providers():
 
 
 def _shapes():
+    if tiny():
+        return TINY_SHAPES
     return GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 

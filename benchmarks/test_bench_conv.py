@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fused_resnet as fr
-from conftest import gpu as _gpu, time_and_record, with_triton
+from conftest import gpu as _gpu, time_and_record, tiny, with_triton
 from fused_resnet import backend, fold
 from fused_resnet.ops import conv as conv_ops
 
@@ -40,6 +40,8 @@ GPU_LAYERS = [
 ]
 CPU_LAYERS = [("layer1.conv2", 64, 64, 3, 1, 1, 28), ("layer3.conv3", 256, 1024, 1, 1, 0, 7)]
 DUAL = [("layer2.0 conv3+downsample", 128, 512, 256, 2, 56)]  # (name, C_mid, C_out, C_in, s, H)
+TINY_LAYERS = [("tiny.conv2", 16, 16, 3, 1, 1, 6)]  # FUSED_RESNET_BENCH_TINY=1
+TINY_DUAL = [("tiny conv3+downsample", 16, 32, 16, 2, 8)]
 
 
 def _providers():
@@ -68,7 +70,7 @@ def _forced(provider):
 
 
 def _batch() -> int:
-    return 256 if _gpu() else 2
+    return 2 if tiny() or not _gpu() else 256
 
 
 def _time_and_record(benchmark, step, device, provider, layer, mode, flops):
@@ -94,7 +96,8 @@ def _inputs(c_in, c_out, k, s, p, hw, device, dtype):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train_fwd"])
-@pytest.mark.parametrize("layer", GPU_LAYERS if _gpu() else CPU_LAYERS, ids=lambda v: v[0])
+@pytest.mark.parametrize("layer", TINY_LAYERS if tiny() else GPU_LAYERS if _gpu() else CPU_LAYERS,
+                         ids=lambda v: v[0])
 @pytest.mark.parametrize("provider", _providers())
 def test_conv_layer(benchmark, provider, layer, mode, bench_device):
     name, c_in, c_out, k, s, p, hw = layer
@@ -137,12 +140,12 @@ def test_conv_layer(benchmark, provider, layer, mode, bench_device):
     _time_and_record(benchmark, run, bench_device, provider, name, mode, flops)
 
 
-@pytest.mark.parametrize("layer", DUAL, ids=lambda v: v[0])
+@pytest.mark.parametrize("layer", TINY_DUAL if tiny() else DUAL, ids=lambda v: v[0])
 @pytest.mark.parametrize("provider", _providers())
 def test_bottleneck_end_with_projection(benchmark, provider, layer, bench_device):
     """relu(bn3(conv3(y)) + bn_d(conv_d(x))) in eval: eager vs one fused GEMM."""
     name, c_mid, c_out, c_in, s, hw = layer
-    if not _gpu():
+    if not _gpu() and not tiny():
         hw = 14
     dtype = torch.bfloat16 if _gpu() else torch.float32
     n = _batch()

@@ -52,6 +52,17 @@ def available() -> bool:
     return load() is not None
 
 
+def source_stamp() -> Optional[str]:
+    """The source stamp compiled into the loaded _C (a hash of the csrc/ and setup.py it was
+    built from, fused_resnet/_build_stamp.py), or None: no _C, or one built before stamps."""
+    module = load()
+    if module is None:
+        return None
+    from fused_resnet import _build_stamp
+
+    return _build_stamp.read_stamp(module.__file__)
+
+
 def with_cuda() -> bool:
     module = load()
     return bool(module is not None and module.with_cuda)

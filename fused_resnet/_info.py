@@ -94,6 +94,7 @@ def info() -> dict:
             "torch": {"built": True, "usable": True},
         },
         "extension_built_with_torch": getattr(_extension.load(), "built_with_torch", None),
+        "extension_source_stamp": _extension.source_stamp(),
         "tuning_cache": tuning.cache_path(),
         "conv_choices": tuning.choices(),
     }

@@ -7,15 +7,31 @@ Disk cache: $FUSED_RESNET_CACHE_DIR (default ~/.cache/fused_resnet)/tuning-<vers
 FUSED_RESNET_TUNING_CACHE=0 keeps choices in memory only.
 """
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 import torch
 
 _cache: dict = {}
 _disk: Optional[dict] = None
+_enumerating = False
+
+
+@contextlib.contextmanager
+def enumerating():
+    """Static analysis (fused_resnet.aot): inside, every measured choice runs each of its
+    candidates once, in order, and takes the first; nothing is timed or remembered. With kernel
+    launches recorded instead of run, this lists every kernel a choice could launch."""
+    global _enumerating
+    previous, _enumerating = _enumerating, True
+    try:
+        yield
+    finally:
+        _enumerating = previous
 
 
 def cache_path() -> Optional[str]:
@@ -70,17 +86,36 @@ def tuned_choice(key, candidates: dict, timer=None, persist: bool = False):
     """Name of the fastest candidate (name -> zero-argument callable) by timer(callable)
     (default: median CUDA time), measured the first time `key` is seen, then cached (also on
     disk when `persist`; a disk entry naming a candidate that is no longer offered is
-    remeasured)."""
+    remeasured). A candidate that raises (e.g. a tile that needs more shared memory than this
+    GPU has) drops out with a warning; if every one raises, the first error propagates."""
+    if _enumerating:
+        for fn in candidates.values():
+            fn()
+        return next(iter(candidates))
     if _cache.get(key) not in candidates:  # unseen, or remembered but no longer offered
         remembered = _load_disk().get(_disk_key(key)) if persist else None
         if remembered in candidates:
             _cache[key] = remembered
         else:
-            timer = timer or cuda_median_ms
-            _cache[key] = min(candidates, key=lambda name: timer(candidates[name]))
+            _cache[key] = _fastest(key, candidates, timer or cuda_median_ms)
             if persist:
                 _save_disk(key, _cache[key])
     return _cache[key]
+
+
+def _fastest(key, candidates: dict, timer):
+    times, errors = {}, {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = timer(fn)
+        except Exception as exc:  # noqa: BLE001 - any failure removes the candidate
+            errors[name] = exc
+    for name, exc in errors.items():
+        warnings.warn(f"fused_resnet: candidate {name!r} for {key!r} failed and is not used: "
+                      f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+    if not times:
+        raise next(iter(errors.values()))
+    return min(times, key=times.get)
 
 
 def cached(key):
@@ -120,4 +155,6 @@ def cuda_median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
 
 def can_measure() -> bool:
     """False while a CUDA graph is being captured: timing would break the capture."""
+    if _enumerating:
+        return True
     return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()

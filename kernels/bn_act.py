@@ -27,36 +27,74 @@ def _elementwise_block(t: torch.Tensor) -> int:
 
 
 def _reduce_tiles(x: torch.Tensor):
-    """(BLOCK_M, BLOCK_C): rows of the per-channel index space x channels per tile. Channels
-    are contiguous in NHWC, one channel's plane is in NCHW."""
+    """(BLOCK_M, BLOCK_C, BLOCK_HW) of the reductions' tiles. NHWC (channels contiguous): BLOCK_M
+    pixels x BLOCK_C channels. NCHW (one channel's plane contiguous): BLOCK_M images x BLOCK_HW
+    positions of one channel, so each image's run loads as whole vectors."""
     if layout.is_channels_last(x):
         block_c = min(64, triton.next_power_of_2(x.shape[1]))
-        return (4096 // block_c if _interpreted(x) else 16), block_c
-    return (4096 if _interpreted(x) else 512), 1
+        return (4096 // block_c if _interpreted(x) else 16), block_c, 1
+    inner = x.shape[2] * x.shape[3]
+    block_hw = min(triton.next_power_of_2(max(inner, 1)), 4096 if _interpreted(x) else 256)
+    return max(1, (4096 if _interpreted(x) else 1024) // block_hw), 1, block_hw
 
 
-def _reduce_splits(per_channel: int, channel_tiles: int, block_m: int, interpreted: bool) -> int:
+def _reduce_splits(units: int, channel_tiles: int, interpreted: bool) -> int:
+    """Splits of each channel's `units` (NHWC: row tiles; NCHW: images) over programs."""
     target_programs = 4 if interpreted else 1024
-    by_work = triton.cdiv(per_channel, block_m)
-    return max(1, min(by_work, max(1, target_programs // channel_tiles)))
+    return max(1, min(units, max(1, target_programs // channel_tiles)))
 
 
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _memory_offsets(m, c, C, inner, CHANNELS_LAST: tl.constexpr):
-    """Memory offset of the m-th element of channel c (m indexes the outer*inner elements)."""
-    if CHANNELS_LAST:
-        return m * C + c
-    n = m // inner
-    return (n * C + c) * inner + (m - n * inner)
+def _column_moments(x, valid):
+    """Per-column (count, exact mean, sum of squared deviations) of a [rows, channels] tile."""
+    count = tl.sum(valid.to(tl.float32), axis=0)
+    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+    dev = tl.where(valid, x - mean[None, :], 0.0)
+    return count, mean, tl.sum(dev * dev, axis=0)
 
 
 @triton.jit
-def _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Memory offsets and validity of a [BLOCK_M, BLOCK_C] tile: elements m0.. of channels c."""
+def _tile_moments(x, valid):
+    """(count, exact mean, sum of squared deviations) of a whole tile."""
+    count = tl.sum(tl.sum(valid.to(tl.float32), axis=1), axis=0)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(count, 1.0)
+    dev = tl.where(valid, x - mean, 0.0)
+    return count, mean, tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2):
+    """Chan et al.: the moments of two disjoint sets from each set's."""
+    total = count + tile_count
+    share = tile_count / tl.maximum(total, 1.0)
+    delta = tile_mean - mean
+    return total, mean + delta * share, m2 + tile_m2 + delta * delta * count * share
+
+
+@triton.jit
+def _nhwc_tile(m0, end, c, c_ok, C, BLOCK_M: tl.constexpr):
+    """Offsets and validity of pixels m0.. (up to end) x channels c: rows of contiguous
+    channels."""
     m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    valid = (m < end)[:, None] & c_ok[None, :]
-    return _memory_offsets(m[:, None], c[None, :], C, inner, CHANNELS_LAST), valid
+    return m[:, None] * C + c[None, :], (m < end)[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _nchw_tile(n0, n_end, hw0, c, C, inner, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and validity of images n0.. (up to n_end) x positions hw0.. of channel c's
+    planes: each image's run is contiguous, so it loads as vectors."""
+    n = n0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    hw = hw0 + tl.arange(0, BLOCK_HW)
+    return (n[:, None] * C + c) * inner + hw[None, :], (n < n_end)[:, None] & (hw < inner)[None, :]
+
+
+@triton.jit
+def _split_images(split, rows_per_split, per_channel, inner):
+    """First and end image of an NCHW split (its rows are whole planes)."""
+    plane = tl.maximum(inner, 1)
+    start = split * rows_per_split
+    return start // plane, tl.minimum(start + rows_per_split, per_channel) // plane
 
 
 @triton.jit
@@ -67,50 +105,58 @@ def _relu_bits(mask_ptr, offs, valid):
 
 @triton.jit
 def _stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, C, inner, per_channel, rows_per_split,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                           CHANNELS_LAST: tl.constexpr):
     """Mean and M2 of each channel over one split of its elements; tiles merged with Chan's
-    formula (each tile: exact mean, then sum of squared deviations)."""
+    formula (each tile: exact mean, then sum of squared deviations). NCHW: one channel per
+    program (BLOCK_C == 1), splits of whole images."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, per_channel)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        offs, valid = _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M, CHANNELS_LAST)
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        n_tile = tl.sum(valid.to(tl.float32), axis=0)
-        mean_tile = tl.sum(x, axis=0) / tl.maximum(n_tile, 1.0)
-        dev = tl.where(valid, x - mean_tile[None, :], 0.0)
-        m2_tile = tl.sum(dev * dev, axis=0)
-        n_new = count + n_tile
-        share = n_tile / tl.maximum(n_new, 1.0)
-        delta = mean_tile - mean
-        mean = mean + delta * share
-        m2 = m2 + m2_tile + delta * delta * count * share
-        count = n_new
+    if CHANNELS_LAST:
+        start = split * rows_per_split
+        end = tl.minimum(start + rows_per_split, per_channel)
+        for m0 in range(start, end, BLOCK_M):
+            offs, valid = _nhwc_tile(m0, end, c, c_ok, C, BLOCK_M)
+            x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            tile_count, tile_mean, tile_m2 = _column_moments(x, valid)
+            count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
+    else:
+        n_start, n_end = _split_images(split, rows_per_split, per_channel, inner)
+        for n0 in range(n_start, n_end, BLOCK_M):
+            for hw0 in range(0, inner, BLOCK_HW):
+                offs, valid = _nchw_tile(n0, n_end, hw0, pid_c, C, inner, BLOCK_M, BLOCK_HW)
+                x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+                tile_count, tile_mean, tile_m2 = _tile_moments(x, valid)
+                count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
     tl.store(mean_ptr + split * C + c, mean, mask=c_ok)
     tl.store(m2_ptr + split * C + c, m2, mask=c_ok)
 
 
-@triton.jit
+# The counts are run-time values whatever they are: an argument equal to 1 would otherwise be
+# compiled in as a constant, and `per_channel.to(...)` on a constant does not compile. The
+# strides are specialised (a stride of 1 tells Triton which way the partials are contiguous).
+@triton.jit(do_not_specialize=["per_channel", "rows_per_split", "splits"])
 def _stats_final_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, per_channel,
-                        rows_per_split, splits, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                        rows_per_split, splits, stride_p, stride_c, BLOCK_P: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     """Merges the partial (mean, M2) of every split exactly: mean = sum(n_p*mean_p)/N,
-    M2 = sum(M2_p) + sum(n_p*(mean_p - mean)^2). Biased variance = M2/N."""
+    M2 = sum(M2_p) + sum(n_p*(mean_p - mean)^2). Biased variance = M2/N. Partial p of
+    channel c is at p*stride_p + c*stride_c."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    c_offs = c.to(tl.int64)[None, :] * stride_c
     total = per_channel.to(tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(0, splits, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         ok = (p < splits)[:, None] & c_ok[None, :]
         n_p = tl.minimum(rows_per_split, per_channel - p * rows_per_split).to(tl.float32)
-        mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
+        mean_p = tl.load(mean_part_ptr + p[:, None] * stride_p + c_offs, mask=ok, other=0.0)
         acc += tl.sum(tl.where(ok, n_p[:, None] * mean_p, 0.0), axis=0)
     mean = acc / total
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -118,8 +164,9 @@ def _stats_final_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, per_ch
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         ok = (p < splits)[:, None] & c_ok[None, :]
         n_p = tl.minimum(rows_per_split, per_channel - p * rows_per_split).to(tl.float32)
-        mean_p = tl.load(mean_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
-        m2_p = tl.load(m2_part_ptr + p[:, None] * C + c[None, :], mask=ok, other=0.0)
+        offs = p[:, None] * stride_p + c_offs
+        mean_p = tl.load(mean_part_ptr + offs, mask=ok, other=0.0)
+        m2_p = tl.load(m2_part_ptr + offs, mask=ok, other=0.0)
         dev = mean_p - mean[None, :]
         m2 += tl.sum(tl.where(ok, m2_p + n_p[:, None] * dev * dev, 0.0), axis=0)
     tl.store(mean_ptr + c, mean, mask=c_ok)
@@ -155,28 +202,47 @@ def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel
 
 
 @triton.jit
+def _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU: tl.constexpr):
+    """The gradient reaching BN's output on a tile: grad through the saved ReLU mask."""
+    dz = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if RELU:
+        dz = tl.where(_relu_bits(mask_ptr, offs, valid), dz, 0.0)
+    return dz
+
+
+@triton.jit
 def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr, sum_dzxmu_ptr,
                                 C, inner, per_channel, rows_per_split, RELU: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                                CHANNELS_LAST: tl.constexpr):
-    """Partial sum(dz) and sum(dz*(x - mean)) of each channel over one split of its elements."""
+                                BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Partial sum(dz) and sum(dz*(x - mean)) of each channel over one split of its elements
+    (tiles as in _stats_partial_kernel)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, per_channel)
     sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dzxmu = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        offs, valid = _channel_tile(m0, end, c, c_ok, C, inner, BLOCK_M, CHANNELS_LAST)
-        dz = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        if RELU:
-            dz = tl.where(_relu_bits(mask_ptr, offs, valid), dz, 0.0)
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        sum_dz += tl.sum(dz, axis=0)
-        sum_dzxmu += tl.sum(tl.where(valid, dz * (x - mean[None, :]), 0.0), axis=0)
+    if CHANNELS_LAST:
+        start = split * rows_per_split
+        end = tl.minimum(start + rows_per_split, per_channel)
+        for m0 in range(start, end, BLOCK_M):
+            offs, valid = _nhwc_tile(m0, end, c, c_ok, C, BLOCK_M)
+            dz = _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU)
+            x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            sum_dz += tl.sum(dz, axis=0)
+            sum_dzxmu += tl.sum(tl.where(valid, dz * (x - mean[None, :]), 0.0), axis=0)
+    else:
+        n_start, n_end = _split_images(split, rows_per_split, per_channel, inner)
+        for n0 in range(n_start, n_end, BLOCK_M):
+            for hw0 in range(0, inner, BLOCK_HW):
+                offs, valid = _nchw_tile(n0, n_end, hw0, pid_c, C, inner, BLOCK_M, BLOCK_HW)
+                dz = _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU)
+                x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+                sum_dz += tl.sum(tl.sum(dz, axis=1), axis=0)
+                sum_dzxmu += tl.sum(tl.sum(tl.where(valid, dz * (x - mean), 0.0), axis=1),
+                                    axis=0)
     tl.store(sum_dz_ptr + split * C + c, sum_dz, mask=c_ok)
     tl.store(sum_dzxmu_ptr + split * C + c, sum_dzxmu, mask=c_ok)
 
@@ -209,28 +275,59 @@ def _grad_apply_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, k_ptr, b_ptr, c_ptr,
 
 
 def _reduction_plan(x: torch.Tensor):
+    """Geometry, tiles and splits of a reduction. NHWC splits cover whole row tiles; NCHW
+    splits whole images (so a tile never straddles two planes)."""
     g = layout.geometry(x)
-    block_m, block_c = _reduce_tiles(x)
+    block_m, block_c, block_hw = _reduce_tiles(x)
     channel_tiles = triton.cdiv(g.channels, block_c)
-    splits = _reduce_splits(g.per_channel, channel_tiles, block_m, _interpreted(x))
-    rows_per_split = max(block_m, triton.cdiv(triton.cdiv(g.per_channel, splits), block_m) * block_m)
-    splits = max(1, triton.cdiv(g.per_channel, rows_per_split))
-    return g, block_m, block_c, channel_tiles, splits, rows_per_split
+    if layout.is_channels_last(x):
+        splits = _reduce_splits(triton.cdiv(g.per_channel, block_m), channel_tiles,
+                                _interpreted(x))
+        rows_per_split = max(block_m, triton.cdiv(triton.cdiv(g.per_channel, splits), block_m)
+                             * block_m)
+    else:
+        splits = _reduce_splits(g.outer, channel_tiles, _interpreted(x))
+        rows_per_split = max(1, triton.cdiv(g.outer, splits)) * g.inner
+    splits = max(1, triton.cdiv(g.per_channel, rows_per_split)) if rows_per_split else 1
+    return g, (block_m, block_c, block_hw), channel_tiles, splits, rows_per_split
+
+
+def merge_partial_stats(mean_part: torch.Tensor, m2_part: torch.Tensor, per_channel: int,
+                        rows_per_split: int, channel_major: bool = False):
+    """Per-channel (mean, biased var) in fp32 from partial means and M2s ([splits, C], or
+    [C, splits] if channel_major), split p covering rows_per_split elements of each channel
+    (the last one what is left of per_channel): one exact merge, in one small kernel.
+
+    Split-major partials (few splits, from the statistics kernel) are read along channels;
+    channel-major ones (one per conv output tile: thousands) along splits, one program per
+    few channels, so the merge spreads over the GPU instead of looping on a few programs."""
+    if channel_major:
+        channels, splits = mean_part.shape
+        block_c = 1 if not _interpreted(mean_part) else min(64, triton.next_power_of_2(channels))
+        block_p = 1024
+    else:
+        splits, channels = mean_part.shape
+        block_c, block_p = min(64, triton.next_power_of_2(channels)), 32
+    split_dim = 1 if channel_major else 0
+    mean = torch.empty(channels, dtype=torch.float32, device=mean_part.device)
+    var = torch.empty_like(mean)
+    _stats_final_kernel[(triton.cdiv(channels, block_c),)](
+        mean_part, m2_part, mean, var, channels, per_channel, rows_per_split, splits,
+        mean_part.stride(split_dim), mean_part.stride(1 - split_dim),
+        BLOCK_P=block_p, BLOCK_C=block_c)
+    return mean, var
 
 
 def bn_stats(input: torch.Tensor, weight, bias, eps):
     x = layout.dense_like(input, input)
-    g, block_m, block_c, tiles, splits, rows = _reduction_plan(x)
+    g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
     mean_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
     m2_part = torch.empty_like(mean_part)
     _stats_partial_kernel[(tiles, splits)](
         x, mean_part, m2_part, g.channels, g.inner, g.per_channel, rows,
-        BLOCK_M=block_m, BLOCK_C=block_c, CHANNELS_LAST=layout.is_channels_last(x))
-    mean, var = layout.empty_per_channel(x), layout.empty_per_channel(x)
-    final_c = min(64, triton.next_power_of_2(g.channels))
-    _stats_final_kernel[(triton.cdiv(g.channels, final_c),)](
-        mean_part, m2_part, mean, var, g.channels, g.per_channel, rows, splits,
-        BLOCK_P=32, BLOCK_C=final_c)
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        CHANNELS_LAST=layout.is_channels_last(x))
+    mean, var = merge_partial_stats(mean_part, m2_part, g.per_channel, rows)
     return (mean, var) + reference.bn_scale_shift(mean, var, weight, bias, eps)
 
 
@@ -254,13 +351,13 @@ def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
 def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, training):
     x = layout.dense_like(input, input)
     grad = layout.dense_like(grad, x)
-    g, block_m, block_c, tiles, splits, rows = _reduction_plan(x)
+    g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
     sum_dz_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
     sum_dzxmu_part = torch.empty_like(sum_dz_part)
     _grad_reduce_partial_kernel[(tiles, splits)](
         grad, mask if relu else grad, x, mean.contiguous(), sum_dz_part, sum_dzxmu_part,
         g.channels, g.inner, g.per_channel, rows, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
-        CHANNELS_LAST=layout.is_channels_last(x))
+        BLOCK_HW=block_hw, CHANNELS_LAST=layout.is_channels_last(x))
     return reference.bn_backward_coefficients(sum_dz_part.sum(dim=0), sum_dzxmu_part.sum(dim=0),
                                               var, weight, eps, g.per_channel, training)
 

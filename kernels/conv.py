@@ -25,27 +25,70 @@ import triton
 import triton.language as tl
 
 from fused_resnet import tuning
+from fused_resnet.kernels import bn_act
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU: each compiles for sm_90 without spills
-# (tests/test_triton_aot.py); the launcher measures them once per problem shape and keeps the
-# fastest. Interpreter (CPU): one config with few, large programs.
-GPU_CONFIGS = [(128, 128, 64, 8), (128, 64, 64, 4), (64, 128, 64, 4), (64, 64, 64, 4)]
-INTERPRETER_CONFIG = (64, 32, 16, 4)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). GPU: the launcher measures the configs
+# that suit a problem once per shape and keeps the fastest; every config it can launch compiles
+# for sm_90 without spills and with 16-byte loads (python -m fused_resnet.aot checks the PTX).
+# Interpreter (CPU): one config with few, large programs.
+GPU_CONFIGS_16BIT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                     (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+# fp32 operands take twice the shared memory per tile, and without TF32 the products run on
+# the FMA units (registers per thread grow with the tile): smaller K steps.
+GPU_CONFIGS_FP32 = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
+INTERPRETER_CONFIG = (64, 32, 16, 4, 1)
+# Consecutive programs walk GROUP_M row tiles across every column tile, so an activation tile
+# is still in L2 when the next column tile reads it (the weights are small and stay there).
+GROUP_M = 8
+# Channel counts are padded to a multiple of this (the C_in = 3 stem to 8, as cuDNN does) so
+# every pixel's channel run starts on a 16-byte boundary and loads as whole vectors.
+CHANNEL_ALIGN = 8
 
 
-def gpu_configs(c_in: int, prologue: bool = False):
-    """Configs for a C_in: when C_in is not a multiple of BLOCK_K (the C_in=3 stem) every k is
-    decomposed into (tap, channel), which costs registers: 128x64 on 4 warps spills there.
-    With the BN + ReLU prologue (and the statistics epilogue it comes with) the 128x128 and
-    64x128 tiles spill on sm_90: only the tiles with 64 output channels per program."""
-    configs = GPU_CONFIGS if all(c_in % cfg[2] == 0 for cfg in GPU_CONFIGS) else \
-        [cfg for cfg in GPU_CONFIGS if cfg != (128, 64, 64, 4)]
-    if prologue:
-        configs = [cfg for cfg in configs if cfg[1] == 64]
-    return configs
+def _block_k(c_in: int, block_k: int) -> int:
+    """The config's K step, halved (down to 16, the smallest tensor-core K) until it divides
+    C_in, so C_in = 16 or 32 still gets one tap per K step; else unchanged (the small-C_in
+    path)."""
+    for k in (block_k, block_k // 2, block_k // 4):
+        if k >= 16 and c_in % k == 0:
+            return k
+    return block_k
+
+
+def gpu_configs(c_in: int, c_out: int, dtype: torch.dtype = torch.float16,
+                prologue: bool = False, residual: bool = False):
+    """The tile configs worth measuring for a problem: no tile much wider than C_out. No
+    256-wide tiles where more than the accumulator lives in registers: with C_in not a
+    multiple of 16 (the padded stem: the per-element (tap, channel) decomposition), with the
+    BN + ReLU prologue (its fp32 transform of the A tile, and the statistics epilogue it comes
+    with), with a residual (its tile, loaded in the epilogue). Each of those spills at 128x256
+    on sm_90 (python -m fused_resnet.aot shows it)."""
+    configs = GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS_16BIT
+    widest_n = max(64, triton.next_power_of_2(c_out))
+    keep = [(m, n, _block_k(c_in, k), w, s) for m, n, k, w, s in configs if n <= widest_n]
+    if prologue or residual or any(c_in % cfg[2] for cfg in keep):
+        keep = [cfg for cfg in keep if max(cfg[0], cfg[1]) <= 128]
+    return keep
 
 
 @triton.jit
+def _grouped_tile(pid, M, C_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP row tiles at a time,
+    every column tile of them before the next group."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(C_out, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    rows = tl.minimum(tiles_m - first_m, GROUP)
+    within = pid % per_group
+    return first_m + within % rows, within // rows
+
+
+# Sizes and strides are run-time values (one compiled variant serves every batch, image size
+# and stride); channel counts are specialised, their divisibility by 16 is what lets the loads
+# vectorise.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "H2", "W2", "stride", "pad", "stride2"])
 def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr,
                  tile_mean_ptr, tile_m2_ptr, pscale_ptr, pshift_ptr,
                  N, H, W, C_in, OH, OW, C_out, H2, W2, C2,
@@ -53,11 +96,11 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
                  KH: tl.constexpr, KW: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  RELU: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 TAP_PER_CHUNK: tl.constexpr, PROLOGUE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 SMALL_C_IN: tl.constexpr, PROLOGUE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr):
     M = N * OH * OW
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, C_out, BLOCK_M, BLOCK_N, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32: N*OH*OW < 2^31 (checked)
     m_ok = offs_m < M
     img = offs_m // (OH * OW)
@@ -69,44 +112,46 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # One loop over K = KH*KW*C_in (a single pipelined loop; unrolling the taps would give
-    # KH*KW loops and spill). When C_in is a multiple of BLOCK_K every chunk lies in one tap
-    # and the tap is a scalar; otherwise (the C_in=3 stem) each k is decomposed.
-    K = KH * KW * C_in
+    # KH*KW loops and spill). SMALL_C_IN == 0: C_in is a multiple of BLOCK_K, so every chunk
+    # lies in one tap (a scalar) and starts at a multiple of BLOCK_K within the pixel's
+    # channels: the hint lets Triton load the A tile as 16-byte vectors through cp.async.
+    # Otherwise (the stem) C_in == SMALL_C_IN, a compile-time multiple of 8: each k is
+    # decomposed into (tap, channel), and runs of 8 channels are still whole 16-byte vectors.
+    if SMALL_C_IN == 0:
+        c_in = C_in
+    else:
+        c_in = SMALL_C_IN
+    K = KH * KW * c_in
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        if TAP_PER_CHUNK:
-            tap = k0 // C_in
-            kh = tap // KW
-            kw = tap % KW
-            ih = oh * stride - pad + kh
-            iw = ow * stride - pad + kw
+        if SMALL_C_IN == 0:
+            tap = k0 // c_in
+            ih = oh * stride - pad + tap // KW
+            iw = ow * stride - pad + tap % KW
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = ((img * H + ih) * W + iw).to(tl.int64) * C_in
-            c = (k0 % C_in) + tl.arange(0, BLOCK_K)
-            a_ptrs = x_ptr + x_row[:, None] + c[None, :]
-            a_ok = row_ok[:, None] & k_ok[None, :]
+            # int32 pixel index: N*H*W < 2^31 (checked by the launcher); int64 element offset
+            x_row = ((img * H + ih) * W + iw).to(tl.int64) * c_in
+            c = tl.multiple_of(k0 % c_in, BLOCK_K) + tl.arange(0, BLOCK_K)
+            a_ok = row_ok[:, None]
+            b_ok = n_ok[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + c[None, :], mask=a_ok, other=0.0)
         else:
-            c = offs_k % C_in
-            tap = offs_k // C_in
+            k_ok = offs_k < K
+            c = offs_k % c_in
+            tap = offs_k // c_in
             ih = oh[:, None] * stride - pad + (tap // KW)[None, :]
             iw = ow[:, None] * stride - pad + (tap % KW)[None, :]
             a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
                     & (iw < W))
-            a_ptrs = x_ptr + ((img[:, None] * H + ih) * W + iw).to(tl.int64) * C_in + c[None, :]
-        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            b_ok = k_ok[:, None] & n_ok[None, :]
+            x_offs = ((img[:, None] * H + ih) * W + iw).to(tl.int64) * c_in + c[None, :]
+            a = tl.load(x_ptr + x_offs, mask=a_ok, other=0.0)
         if PROLOGUE:  # the previous BN + ReLU, in fp32, on in-bounds elements only
-            c_ok = c < C_in
-            if TAP_PER_CHUNK:
-                ps = tl.load(pscale_ptr + c, mask=c_ok, other=0.0)[None, :]
-                pb = tl.load(pshift_ptr + c, mask=c_ok, other=0.0)[None, :]
-            else:
-                ps = tl.load(pscale_ptr + c, mask=c_ok, other=0.0)
-                pb = tl.load(pshift_ptr + c, mask=c_ok, other=0.0)
+            ps = tl.load(pscale_ptr + c)[None, :]
+            pb = tl.load(pshift_ptr + c)[None, :]
             t = a.to(tl.float32) * ps + pb
             a = tl.where(a_ok & (t > 0.0), t, 0.0).to(x_ptr.dtype.element_ty)
-        b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :], mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_SHORTCUT:  # strided 1x1 conv of x2 into the same accumulator
@@ -120,12 +165,14 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    if STATS:  # this tile's exact mean and sum of squared deviations, per output channel
+    if STATS:  # this tile's exact mean and sum of squared deviations, per output channel,
+        # stored channel-major ([C_out, row tiles]) for the merge kernel
         rows = tl.sum(m_ok.to(tl.float32), axis=0)
         tile_mean = tl.sum(tl.where(m_ok[:, None], acc, 0.0), axis=0) / rows
         dev = tl.where(m_ok[:, None], acc - tile_mean[None, :], 0.0)
-        tl.store(tile_mean_ptr + pid_m * C_out + offs_n, tile_mean, mask=n_ok)
-        tl.store(tile_m2_ptr + pid_m * C_out + offs_n, tl.sum(dev * dev, axis=0), mask=n_ok)
+        stat_offs = offs_n * tl.cdiv(M, BLOCK_M) + pid_m
+        tl.store(tile_mean_ptr + stat_offs, tile_mean, mask=n_ok)
+        tl.store(tile_m2_ptr + stat_offs, tl.sum(dev * dev, axis=0), mask=n_ok)
 
     y = acc
     if HAS_SCALE:
@@ -157,6 +204,30 @@ def _dot_precision(dtype, allow_tf32: bool) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
+def _pad_channels(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`t` with dimension `dim` zero-padded to `size` (the same tensor if already that size)."""
+    if t.shape[dim] == size:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _aligned_channels(c: int) -> int:
+    return triton.cdiv(c, CHANNEL_ALIGN) * CHANNEL_ALIGN
+
+
+def fits_pixel_index(n: int, pixels: int) -> bool:
+    """The kernel's pixel indices are int32 (element offsets are int64): N*H*W of every tensor
+    it indexes by pixel must stay below 2^31 (with room for a tile past the end)."""
+    return n * pixels < 2**31 - 256
+
+
+def check_index_range(n: int, pixels: int, what: str) -> None:
+    if not fits_pixel_index(n, pixels):
+        raise ValueError(f"conv2d_nhwc: {n * pixels} {what} pixels exceed the kernel's int32 "
+                         f"pixel index")
+
+
 def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual=None,
                 relu=False, stats=False, shortcut=None, prologue=None, allow_tf32=False,
                 config=None):
@@ -168,7 +239,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     x: [N, C_in, H, W] channels_last; w_packed: pack_weight(...) of a [C_out, C_in, KH, KW]
     weight; shortcut: optional (x2, w2_packed, stride2) with x2 channels_last [N, C2, H2, W2]
     and w2 packed from a [C_out, C2, 1, 1] weight. config: a (BLOCK_M, BLOCK_N, BLOCK_K,
-    num_warps) tuple, else chosen (measured once per shape on a GPU). Returns out
+    num_warps, num_stages) tuple, else chosen (measured once per shape on a GPU). Returns out
     (channels_last [N, C_out, OH, OW]) and, if stats, the per-channel (mean, biased var) of the
     raw conv output (before scale/bias/residual/ReLU), in fp32.
     """
@@ -179,26 +250,36 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     if prologue is not None and shortcut is not None:
         raise ValueError("conv2d_nhwc: the BN + ReLU prologue applies to the main input only; "
                          "no shortcut with it")
-    if n * oh * ow >= 2**31 - 256:
-        raise ValueError(f"conv2d_nhwc: {n * oh * ow} output pixels exceed the int32 pixel index")
-    x = x.contiguous(memory_format=torch.channels_last)
+    check_index_range(n, oh * ow, "output")
+    check_index_range(n, h * w, "input")
+    # Whole 16-byte channel runs: pad C_in (the stem's 3) with zero channels, which add
+    # nothing to the products (and a zero prologue scale/shift keeps them zero).
+    c_pad = _aligned_channels(c_in)
+    x = _pad_channels(x, 1, c_pad).contiguous(memory_format=torch.channels_last)
+    w_packed = _pad_channels(w_packed, 2, c_pad)
+    if prologue is not None:
+        prologue = tuple(_pad_channels(p, 0, c_pad).contiguous() for p in prologue)
     out = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     if shortcut is not None:
         x2, w2, stride2 = shortcut
-        x2 = x2.contiguous(memory_format=torch.channels_last)
+        c2_pad = _aligned_channels(x2.shape[1])
+        x2 = _pad_channels(x2, 1, c2_pad).contiguous(memory_format=torch.channels_last)
+        w2 = _pad_channels(w2, 2, c2_pad)
         h2, w2_size, c2 = x2.shape[2], x2.shape[3], x2.shape[1]
+        check_index_range(n, h2 * w2_size, "shortcut input")
     else:
         x2, w2, stride2, h2, w2_size, c2 = x, w_packed, 1, 1, 1, 1
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
 
     def launch(cfg):
-        block_m, block_n, block_k, num_warps = cfg
-        grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(c_out, block_n))
+        block_m, block_n, block_k, num_warps, num_stages = cfg
+        tiles_m = triton.cdiv(n * oh * ow, block_m)
+        grid = (tiles_m * triton.cdiv(c_out, block_n),)
         tile_mean = tile_m2 = out  # placeholders when STATS is off
         if stats:
-            tile_mean = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
+            tile_mean = torch.empty((c_out, tiles_m), dtype=torch.float32, device=x.device)
             tile_m2 = torch.empty_like(tile_mean)
         _conv_kernel[grid](
             x, w_packed, x2, w2, out,
@@ -206,41 +287,32 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
             residual if residual is not None else out, tile_mean, tile_m2,
             prologue[0] if prologue is not None else out,
             prologue[1] if prologue is not None else out,
-            n, h, w, c_in, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
+            n, h, w, c_pad, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
             KH=kh, KW=kw, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
             STATS=stats, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
-            TAP_PER_CHUNK=c_in % block_k == 0, PROLOGUE=prologue is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=num_warps)
+            SMALL_C_IN=0 if c_pad % block_k == 0 else c_pad, PROLOGUE=prologue is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
+            num_warps=num_warps, num_stages=num_stages)
         return tile_mean, tile_m2, block_m
 
     if config is None:
         config = _choose_config(x, w_packed, stride, padding, shortcut is not None, stats,
-                                prologue is not None, launch)
+                                prologue is not None, residual is not None, launch)
     tile_mean, tile_m2, block_m = launch(config)
     if not stats:
         return out, None
-    return out, _merge_tile_stats(tile_mean, tile_m2, n * oh * ow, block_m)
+    return out, bn_act.merge_partial_stats(tile_mean, tile_m2, n * oh * ow, block_m,
+                                           channel_major=True)
 
 
-def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, has_prologue, launch):
+def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, has_prologue,
+                   has_residual, launch):
     if x.device.type == "cpu":
         return INTERPRETER_CONFIG
+    configs = gpu_configs(x.shape[1], w_packed.shape[3], x.dtype, has_prologue, has_residual)
     key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
-           padding, has_shortcut, stats, has_prologue)
+           padding, has_shortcut, stats, has_prologue, has_residual)
     if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice if any
-        return tuning.cached(key) or gpu_configs(x.shape[1], has_prologue)[0]
-    return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg))
-                                     for cfg in gpu_configs(x.shape[1], has_prologue)})
-
-
-def _merge_tile_stats(tile_mean, tile_m2, rows, block_m):
-    """Exact merge of per-tile (mean, M2): mean = sum(n_t*mean_t)/N,
-    M2 = sum(M2_t) + sum(n_t*(mean_t - mean)^2). Returns (mean, biased var)."""
-    tiles = tile_mean.shape[0]
-    counts = torch.full((tiles, 1), float(block_m), device=tile_mean.device)
-    counts[-1] = rows - block_m * (tiles - 1)
-    mean = (counts * tile_mean).sum(dim=0) / rows
-    m2 = tile_m2.sum(dim=0) + (counts * (tile_mean - mean).square()).sum(dim=0)
-    return mean, m2 / rows
+        return tuning.cached(key) or configs[0]
+    return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg)) for cfg in configs})

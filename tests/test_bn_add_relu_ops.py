@@ -299,8 +299,8 @@ def small_triton_tiles(monkeypatch):
     from fused_resnet.kernels import bn_act
 
     monkeypatch.setattr(bn_act, "_reduce_tiles",
-                        lambda x: (8, 4) if layout.is_channels_last(x) else (16, 1))
-    monkeypatch.setattr(bn_act, "_reduce_splits", lambda per_channel, tiles, block_m, interp: 5)
+                        lambda x: (8, 4, 1) if layout.is_channels_last(x) else (2, 1, 16))
+    monkeypatch.setattr(bn_act, "_reduce_splits", lambda units, tiles, interp: 5)
 
 
 @pytest.mark.parametrize("backend_name", cpu_backend_params())

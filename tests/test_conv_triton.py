@@ -107,3 +107,48 @@ def test_projection_shortcut_as_one_gemm(dtype, shortcut_stride):
     ref_t = reference(y.float(), x.float(), torch.float32).to(dtype)
     c = compare("dual GEMM output", out, ref64, ref_t)
     assert c.ok, c
+
+
+def test_grouped_tile_order_covers_every_tile():
+    """More row tiles than one group (GROUP_M) and several column tiles, a ragged last group:
+    the grouped program order writes every output tile (every element is compared), and the
+    channel-major statistics of all row tiles merge to the exact moments."""
+    conv = _kernels()
+    n, cin, cout, k, s, p, hw = 2, 16, 72, 3, 1, 1, 19  # M = 722: 12 row tiles of 64
+    x, w = _inputs(n, cin, cout, k, hw, torch.float32)
+    x = x + 2.0
+    out, (mean, var) = conv.conv2d_nhwc(x, conv.pack_weight(w), s, p, stats=True)
+    z64 = F.conv2d(x.double(), w.double(), stride=s, padding=p)
+    torch.testing.assert_close(out.double(), z64, rtol=1e-5, atol=1e-5)
+    var64, mean64 = torch.var_mean(z64, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-6)
+
+
+def test_tile_configs_for_a_problem():
+    """The measured configs: nothing wider than C_out needs; K steps that divide C_in = 16/32
+    (one tap per step); no 256-wide tile where the epilogue or the prologue keeps more than the
+    accumulator in registers (they spill: fused_resnet.aot checks every config)."""
+    conv = _kernels()
+    assert all(cfg[1] <= 64 for cfg in conv.gpu_configs(64, 64))
+    assert any(cfg[1] == 256 for cfg in conv.gpu_configs(64, 256))
+    for c_in in (16, 32, 64, 512):
+        assert all(c_in % cfg[2] == 0 for cfg in conv.gpu_configs(c_in, 256))
+    for kwargs in (dict(prologue=True), dict(residual=True)):
+        assert all(max(cfg[:2]) <= 128 for cfg in conv.gpu_configs(64, 256, **kwargs))
+    assert all(max(cfg[:2]) <= 128 for cfg in conv.gpu_configs(8, 64))  # the padded stem
+    assert all(cfg[2] == 32 for cfg in conv.gpu_configs(64, 256, torch.float32))
+
+
+def test_pixel_index_limit_falls_back():
+    """Beyond the kernel's int32 pixel index (input or output) the Triton path is not offered
+    (the library conv runs), and the launcher refuses rather than wrap around."""
+    from fused_resnet.ops import conv as conv_ops
+
+    conv = _kernels()
+    big = torch.empty(2**15, 8, 256, 256, device="meta")  # 2^31 input pixels
+    w = torch.empty(8, 8, 3, 3, device="meta")
+    assert "2^31" in conv_ops.triton_unsupported(big, w, [2, 2], [1, 1], [1, 1], 1)
+    assert conv_ops.triton_unsupported(big[:2**14], w, [2, 2], [1, 1], [1, 1], 1) is None
+    with pytest.raises(ValueError, match="input pixels"):
+        conv.conv2d_nhwc(big, conv.pack_weight(w), 2, 1, config=conv.INTERPRETER_CONFIG)

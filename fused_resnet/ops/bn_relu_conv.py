@@ -52,11 +52,11 @@ def _forward_triton(input, scale, shift, weight, stride, padding):
     return conv_ops._output_like(z, input), mean, var
 
 
-@torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
-def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                            mean: Tensor, var: Tensor, eps: float, weight: Tensor,
-                            stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int) -> tuple[Tensor, Tensor, Tensor]:
+def dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
+                  groups):
+    """The candidates bn_relu_conv2d_bn_stats chooses from for these arguments (path name ->
+    zero-argument callable) and the (input, weight, stride, padding, dilation, groups) the
+    choice is made on (see ops.conv.dispatch_plan). Nothing runs until a candidate is called."""
     scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
 
     def library():
@@ -71,9 +71,17 @@ def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias:
         candidates["cutlass"] = lambda: conv_ops._with_stats(conv_ops._output_like(
             ops.bn_relu_conv2d_cutlass(input, scale, shift, weight, stride[0], padding[0]),
             input))
-    path = conv_ops.choose_path("bn_relu_conv", candidates, input, weight, stride, padding,
-                                dilation, groups)
-    return candidates[path]()
+    return candidates, (input, weight, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
+def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                            mean: Tensor, var: Tensor, eps: float, weight: Tensor,
+                            stride: list[int], padding: list[int], dilation: list[int],
+                            groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    candidates, conv = dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride,
+                                     padding, dilation, groups)
+    return candidates[conv_ops.choose_path("bn_relu_conv", candidates, *conv)]()
 
 
 @bn_relu_conv2d_bn_stats.register_fake

@@ -53,6 +53,10 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
         return f"dtype {input.dtype}"
     if weight.dtype != input.dtype:
         return "weight dtype differs from input dtype"
+    n, _, h, w = input.shape
+    _, _, oh, ow = _conv_out_shape(input, weight, stride, padding, dilation)
+    if not _conv_kernels().fits_pixel_index(n, max(h * w, oh * ow)):
+        return "2^31 pixels or more (the kernel's pixel index is int32)"
     return None
 
 
@@ -187,7 +191,13 @@ def agreeing(op: str, candidates: dict) -> dict:
     for name, fn in candidates.items():
         if name == "library":
             continue
-        got = _as_tuple(fn())
+        try:
+            got = _as_tuple(fn())
+        except Exception as exc:  # noqa: BLE001 - a path that cannot run here is left out
+            warnings.warn(f"fused_resnet: {op} on the {name} path failed ({type(exc).__name__}: "
+                          f"{exc}); it is not used for this shape", RuntimeWarning,
+                          stacklevel=2)
+            continue
         worst = max(normwise_error(a, b) for a, b in zip(got, reference))
         if worst <= AGREEMENT:  # NaN compares False: left out too
             kept[name] = fn
@@ -233,9 +243,11 @@ def _allow_tf32() -> bool:
 def _epilogue_triton(input, weight, stride, padding, scale, bias, residual, relu):
     conv = _conv_kernels()
     scale_f, bias_f = _affine(weight.shape[0], scale, bias, input)
+    # The kernel skips what is absent (eval: the BN scale is folded into the weight).
     out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
-                              scale=scale_f, bias=bias_f, residual=residual, relu=relu,
-                              allow_tf32=_allow_tf32())
+                              scale=scale_f if scale is not None else None,
+                              bias=bias_f if bias is not None else None, residual=residual,
+                              relu=relu, allow_tf32=_allow_tf32())
     return _output_like(out, input)
 
 
@@ -256,10 +268,8 @@ def _epilogue_cutlass(input, weight, stride, padding, bias, residual, relu):
     return _output_like(out, input)
 
 
-@torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
-def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, scale: Optional[Tensor],
-                    bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+def _epilogue_plan(input, weight, stride, padding, dilation, groups, scale, bias, residual,
+                   relu):
     candidates = {
         "triton": lambda: _epilogue_triton(input, weight, stride, padding, scale, bias,
                                            residual, relu),
@@ -269,8 +279,16 @@ def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: l
     if scale is None:  # BN folded into the weight: the CUTLASS epilogue adds bias only
         candidates["cutlass"] = lambda: _epilogue_cutlass(input, weight, stride, padding, bias,
                                                           residual, relu)
-    path = choose_path("epilogue", candidates, input, weight, stride, padding, dilation, groups)
-    return candidates[path]()
+    return candidates, (input, weight, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("fused_resnet::conv2d_epilogue", mutates_args=())
+def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, scale: Optional[Tensor],
+                    bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+    candidates, conv = _epilogue_plan(input, weight, stride, padding, dilation, groups, scale,
+                                      bias, residual, relu)
+    return candidates[choose_path("epilogue", candidates, *conv)]()
 
 
 @conv2d_epilogue.register_fake
@@ -308,21 +326,30 @@ def _dual_cutlass(input, weight, stride, padding, shortcut_input, shortcut_weigh
     return _epilogue_cutlass(input, weight, stride, padding, bias, shortcut, relu)
 
 
-@torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
-def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                         shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
-                         bias: Optional[Tensor], relu: bool) -> Tensor:
+def _dual_plan(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride,
+               bias, relu):
     args = (input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride,
             bias, relu)
+    conv = (input, weight, stride, padding, [1, 1], 1)
     # The kernel's second operand is a 1x1 conv of a tensor of the same dtype.
     if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
-        return _dual_library(*args)
+        return {"library": lambda: _dual_library(*args)}, conv
     candidates = {"triton": lambda: _dual_triton(*args), "library": lambda: _dual_library(*args)}
     if cutlass_unsupported(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
                            [1, 1], 1) is None:
         candidates["cutlass"] = lambda: _dual_cutlass(*args)
-    return candidates[choose_path("dual", candidates, input, weight, stride, padding, [1, 1],
-                                  1)]()
+    return candidates, conv
+
+
+@torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
+def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                         shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
+                         bias: Optional[Tensor], relu: bool) -> Tensor:
+    candidates, conv = _dual_plan(input, weight, stride, padding, shortcut_input,
+                                  shortcut_weight, shortcut_stride, bias, relu)
+    if len(candidates) == 1:
+        return candidates["library"]()
+    return candidates[choose_path("dual", candidates, *conv)]()
 
 
 @conv2d_dual_epilogue.register_fake
@@ -349,9 +376,7 @@ def _stats_library(input, weight, stride, padding, dilation, groups):
                                              groups), input))
 
 
-@torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
-def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+def _stats_plan(input, weight, stride, padding, dilation, groups):
     candidates = {
         "triton": lambda: _stats_triton(input, weight, stride, padding),
         "library": lambda: _stats_library(input, weight, stride, padding, dilation, groups),
@@ -359,8 +384,14 @@ def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: l
         "cutlass": lambda: _with_stats(_epilogue_cutlass(input, weight, stride, padding, None,
                                                          None, False)),
     }
-    path = choose_path("bn_stats", candidates, input, weight, stride, padding, dilation, groups)
-    return candidates[path]()
+    return candidates, (input, weight, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
+def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
+    return candidates[choose_path("bn_stats", candidates, *conv)]()
 
 
 @conv2d_bn_stats.register_fake
@@ -421,3 +452,17 @@ def _epilogue_backward(ctx, grad_out):
 
 
 conv2d_epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
+
+
+# ---- what the ops choose from (static analysis: fused_resnet.aot) --------------------------------
+_PLANS = {"conv2d_epilogue": _epilogue_plan, "conv2d_dual_epilogue": _dual_plan,
+          "conv2d_bn_stats": _stats_plan}
+PLANNED_OPS = tuple(_PLANS)
+
+
+def dispatch_plan(op: str, *args):
+    """For op `op` (a name in this module's ops) called with `args`: the candidates it chooses
+    from (path name -> zero-argument callable running that path) and the (input, weight,
+    stride, padding, dilation, groups) the choice is made on. Nothing runs until a candidate is
+    called."""
+    return _PLANS[op](*args)

@@ -8,8 +8,10 @@
 #             triton usable, or the phase fails (so GPU tests cannot silently skip)
 #   test      the GPU-marked tests (pytest -m gpu), a timeout per test, no -x, junit XML
 #   sanitize  compute-sanitizer memcheck + racecheck on tests/gpu_sanitize.py
-#   ops       benchmarks/test_bench_{bn_add_relu,conv,blocks}.py + benchmarks/report.py
-#   model     fused-resnet bench: resnet50, bf16, batch 256, inference and training
+#   ops       benchmarks/test_bench_{bn_add_relu,conv,blocks}.py + benchmarks/report.py, and the
+#             roofline table (python -m fused_resnet.bench.roofline) with the measured times
+#   model     fused-resnet bench: resnet50, bf16, batch 256, inference and training (the
+#             roofline table again, with the whole-network times)
 # Every phase first runs `build` (once per invocation); it rebuilds only when needed. Each
 # phase ends itself within PHASE_S seconds (default 460, under 8 minutes), and the whole
 # invocation within SESSION_S (default 560: one device call is cut at 600 s): a step that
@@ -215,7 +217,7 @@ publish() {
     echo "# GPU session results: $tag"
     echo
     echo "\`bash benchmarks/gpu_session.sh\` ($( ((DRY_RUN)) && echo 'dry run, ')tree stamp $TREE_STAMP)"
-    for f in "$STAGE"/*-"$tag".md "$STAGE"/bench-"$tag"/report.md; do
+    for f in "$STAGE"/*-"$tag".md "$STAGE"/bench-"$tag"/report.md; do  # roofline-TAG.md too
       [[ -f $f ]] && { echo; cat "$f"; }
     done
   } > "$md.tmp" && mv "$md.tmp" "$md"
@@ -224,6 +226,19 @@ publish() {
     (cd "$STAGE" && tar -czf "$OUT/results-$tag.tar.gz.tmp" $files) &&
       mv "$OUT/results-$tag.tar.gz.tmp" "$OUT/results-$tag.tar.gz"
   fi
+}
+
+# roofline LOG: the per-layer roofline table (fused_resnet.bench.roofline) with what this
+# session measured so far filled in: $STAGE/roofline-TAG.md, rendered into the report
+roofline() {
+  local log=$1 name bandwidth measured=()
+  name=$(cd "$WORK" && "$PY" -c "import torch; print(torch.cuda.get_device_name(0) \
+    if torch.cuda.is_available() else 'cpu')" 2>/dev/null | tail -1)
+  case $name in *H200*) bandwidth=4.3e12 ;; *) bandwidth=3.0e12 ;; esac  # measured copy rates
+  measured=("$STAGE"/*-"$RESULT_TAG".json "$STAGE"/bench-"$RESULT_TAG"/results.json)
+  run_step "$log" 60 "$PY" -m fused_resnet.bench.roofline --device-name "${name:-cpu}" \
+    --bandwidth "$bandwidth" --measured $(ls "${measured[@]}" 2>/dev/null) \
+    -o "$STAGE/roofline-$RESULT_TAG.md"
 }
 
 # info_json FILE: `fused-resnet info --json` of the installed package ({} if it fails)
@@ -381,6 +396,9 @@ phase_ops() {
     details+=("$suite $status (${rows:-no} rows)")
   done
   unset FUSED_RESNET_BENCH_TINY
+  roofline "$log"
+  [[ $STEP_STATUS == ok ]] || { statuses+=(failed); details+=("roofline table failed"); }
+  publish
   cap_file "$log"
   summary ops "$(worst "${statuses[@]}")" \
     "$(join_by "; " "${details[@]}"); report-$tag.md, results-$tag.tar.gz"
@@ -425,6 +443,8 @@ merged["config"]["out_dir"] = out_dir
 print("written:", ", ".join(suite.write(merged, out_dir, command=command).values()))
 PYTHON
     [[ $STEP_STATUS == ok ]] || { statuses+=(failed); details+=("merging the reports failed"); }
+    roofline "$log"
+    [[ $STEP_STATUS == ok ]] || { statuses+=(failed); details+=("roofline table failed"); }
     publish
   fi
   cap_file "$log"

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_resnet import layout, reference
+from fused_resnet import devices, layout, reference
 
 # ---------------------------------------------------------------------------------------------
 # Launch parameters. The interpreter runs each program instance in Python, so there a few big
@@ -292,6 +292,7 @@ def _reduction_plan(x: torch.Tensor):
     return g, (block_m, block_c, block_hw), channel_tiles, splits, rows_per_split
 
 
+@devices.launches_on_input_device
 def merge_partial_stats(mean_part: torch.Tensor, m2_part: torch.Tensor, per_channel: int,
                         rows_per_split: int, channel_major: bool = False):
     """Per-channel (mean, biased var) in fp32 from partial means and M2s ([splits, C], or
@@ -318,6 +319,7 @@ def merge_partial_stats(mean_part: torch.Tensor, m2_part: torch.Tensor, per_chan
     return mean, var
 
 
+@devices.launches_on_input_device
 def bn_stats(input: torch.Tensor, weight, bias, eps):
     x = layout.dense_like(input, input)
     g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
@@ -331,6 +333,7 @@ def bn_stats(input: torch.Tensor, weight, bias, eps):
     return (mean, var) + reference.bn_scale_shift(mean, var, weight, bias, eps)
 
 
+@devices.launches_on_input_device
 def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     x = layout.dense_like(input, input)
     res = layout.dense_like(residual, x) if residual is not None else x
@@ -348,6 +351,7 @@ def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     return out, mask
 
 
+@devices.launches_on_input_device
 def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, training):
     x = layout.dense_like(input, input)
     grad = layout.dense_like(grad, x)
@@ -362,6 +366,7 @@ def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, tra
                                               var, weight, eps, g.per_channel, training)
 
 
+@devices.launches_on_input_device
 def bn_add_relu_grad_apply(grad, mask, input, mean, k, b, c, relu, residual_grad):
     x = layout.dense_like(input, input)
     grad = layout.dense_like(grad, x)

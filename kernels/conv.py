@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_resnet import tuning
+from fused_resnet import devices, tuning
 from fused_resnet.kernels import bn_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). GPU: the launcher measures the configs
@@ -150,7 +150,8 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
             ps = tl.load(pscale_ptr + c)[None, :]
             pb = tl.load(pshift_ptr + c)[None, :]
             t = a.to(tl.float32) * ps + pb
-            a = tl.where(a_ok & (t > 0.0), t, 0.0).to(x_ptr.dtype.element_ty)
+            # torch.relu keeps NaN (t != t); the zero padding stays zero
+            a = tl.where(a_ok & ((t > 0.0) | (t != t)), t, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :], mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -183,8 +184,8 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
     ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         y = y + tl.load(res_ptr + out_offs, mask=ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y > 0.0, y, 0.0)
+    if RELU:  # as torch.relu: NaN stays NaN
+        y = tl.where((y > 0.0) | (y != y), y, 0.0)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -199,9 +200,14 @@ def pack_weight(weight: torch.Tensor, scale=None) -> torch.Tensor:
 
 
 def _dot_precision(dtype, allow_tf32: bool) -> str:
-    """fp32 input: exact fp32 products unless TF32 is allowed (as torch's allow_tf32 flags
-    decide for cuDNN); fp16/bf16: tensor cores ("tf32" is the default, ignored for them)."""
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    """fp32 input: exact fp32 products unless TF32 is allowed (as PyTorch decides for cuDNN's
+    convs), then three TF32 passes (each operand split into a TF32 high part and a TF32 low
+    part): Triton's single-pass TF32 truncates the operands where cuDNN rounds them, an error
+    several times cuDNN's; the split gives about fp32 accuracy on the tensor cores.
+    fp16/bf16: tensor cores ("tf32" is the default, ignored for them)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if allow_tf32 else "ieee"
 
 
 def _pad_channels(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -228,6 +234,7 @@ def check_index_range(n: int, pixels: int, what: str) -> None:
                          f"pixel index")
 
 
+@devices.launches_on_input_device
 def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual=None,
                 relu=False, stats=False, shortcut=None, prologue=None, allow_tf32=False,
                 config=None):
@@ -313,6 +320,6 @@ def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, has_prolog
     configs = gpu_configs(x.shape[1], w_packed.shape[3], x.dtype, has_prologue, has_residual)
     key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
            padding, has_shortcut, stats, has_prologue, has_residual)
-    if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice if any
-        return tuning.cached(key) or configs[0]
+    if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice, else
+        return tuning.cached(key) or configs[-1]  # the smallest tile (fits every GPU)
     return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg)) for cfg in configs})

@@ -181,6 +181,8 @@ def _row(**overrides):
     (dict(spill_stores=8), "spills"),
     (dict(shared=300 * 1024), "shared memory"),
     (dict(error="CompilationError: x"), "compiles"),
+    (dict(unguarded_launches=3, used_by=["conv2d_epilogue (resnet18 eval ...)"]),
+     "device guard"),
     (dict(ld_global_scalar16=32), "conv scalar 16-bit loads"),
     (dict(wgmma=0, mma_sync=8), "16-bit conv without wgmma"),
     (dict(wgmma=0), "16-bit conv without wgmma"),

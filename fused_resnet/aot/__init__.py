@@ -43,43 +43,47 @@ def _row(source: str, module: str, kernel: str, variant: str, dtype: str, compil
             **ptx.count_instructions(compiled["ptx"]), "used_by": used_by, **extra}
 
 
+def _triton_row(spec, launches: list, compile_result, ptx_dir: str) -> dict:
+    """The report row of one compiled variant (compile_result: a future of compile_spec)."""
+    used = {"used_by": sorted({launch.context for launch in launches}),
+            "unguarded_launches": sum(not launch.guarded for launch in launches)}
+    variant = report.describe_variant(spec)
+    try:
+        compiled = compile_result.result()
+    except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is a row
+        return {"source": "triton", "module": spec.module, "kernel": spec.name,
+                "variant": variant, "dtype": spec.dtype,
+                "role": gates.role("triton", spec.module, spec.name),
+                "error": f"{type(exc).__name__}: {exc}", **used}
+    path = os.path.join(ptx_dir, f"triton-{spec.name.strip('_')}-{spec.digest}.ptx")
+    with open(path, "w") as f:
+        f.write(compiled["ptx"])
+    extra = {}
+    if "CHANNELS_LAST" in dict(spec.signature):  # the reductions compile the layout in
+        extra["layout"] = "nhwc" if spec.constexpr("CHANNELS_LAST") else "nchw"
+    return _row("triton", spec.module, spec.name, variant, spec.dtype, compiled,
+                used.pop("used_by"), ptx=os.path.relpath(path, os.path.dirname(ptx_dir)),
+                num_warps=spec.num_warps, num_stages=spec.num_stages, **used, **extra)
+
+
 def _compile_triton(specs: dict, capability: int, jobs: int, ptx_dir: str) -> List[dict]:
-    rows = []
+    """specs: variant -> the recorded launches of it."""
     # spawn: the workers must import Triton fresh (never in interpreter mode, never forked
     # from a process that holds a CUDA context)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {spec: pool.submit(triton_build.compile_spec, spec, capability)
                    for spec in specs}
-        for spec, future in futures.items():
-            used_by = sorted(specs[spec])
-            variant = report.describe_variant(spec)
-            try:
-                compiled = future.result()
-            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is a row
-                rows.append({"source": "triton", "module": spec.module, "kernel": spec.name,
-                             "variant": variant, "dtype": spec.dtype,
-                             "role": gates.role("triton", spec.module, spec.name),
-                             "error": f"{type(exc).__name__}: {exc}", "used_by": used_by})
-                continue
-            path = os.path.join(ptx_dir, f"triton-{spec.name.strip('_')}-{spec.digest}.ptx")
-            with open(path, "w") as f:
-                f.write(compiled["ptx"])
-            layout = spec.constexpr("CHANNELS_LAST") if "CHANNELS_LAST" in dict(
-                spec.signature) else None
-            extra = {"layout": "nhwc" if layout else "nchw"} if layout is not None else {}
-            rows.append(_row("triton", spec.module, spec.name, variant, spec.dtype, compiled,
-                             used_by, ptx=os.path.relpath(path, os.path.dirname(ptx_dir)),
-                             num_warps=spec.num_warps, num_stages=spec.num_stages, **extra))
-    return rows
+        return [_triton_row(spec, specs[spec], future, ptx_dir)
+                for spec, future in futures.items()]
 
 
 def triton_rows(capability: int, jobs: int, ptx_dir: str, models=None) -> List[dict]:
     from fused_resnet.aot import capture
 
     launches = capture.lower(capture.record_op_calls(models))
-    specs: dict = {}
+    specs: dict = {}  # spec -> launches of it
     for launch in launches:
-        specs.setdefault(triton_build.kernel_spec(launch), set()).add(launch.context)
+        specs.setdefault(triton_build.kernel_spec(launch), []).append(launch)
     return _compile_triton(specs, capability, jobs, ptx_dir)
 
 

@@ -16,6 +16,7 @@
 import contextlib
 import importlib.util
 import inspect
+import unittest.mock
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -155,6 +156,7 @@ class Launch:
     args: tuple
     kwargs: dict
     context: str
+    guarded: bool  # launched under devices.on_device (on the tensors' own CUDA device)
 
 
 @contextlib.contextmanager
@@ -163,11 +165,13 @@ def recorded_launches(context_of=lambda: ""):
     yields the list of Launch records."""
     from triton.runtime.jit import JITFunction
 
+    from fused_resnet import devices
+
     launches: List[Launch] = []
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, dict(kwargs), context_of()))
+        launches.append(Launch(self, args, dict(kwargs), context_of(), devices.guarded()))
 
     JITFunction.run = record
     try:
@@ -178,12 +182,11 @@ def recorded_launches(context_of=lambda: ""):
 
 @contextlib.contextmanager
 def _tf32(allowed: bool):
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
+    """fp32 convs with TF32 allowed or not (ops.conv.allows_tf32 reads the setting)."""
+    from fused_resnet.ops import conv as conv_ops
+
+    with unittest.mock.patch.object(conv_ops, "allows_tf32", lambda: allowed):
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def _triton_path(op: str, args: list) -> Optional[callable]:

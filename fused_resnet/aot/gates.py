@@ -2,6 +2,8 @@
 
 - compiles: every variant compiles for the target;
 - spills: no kernel spills registers to local memory (spill stores or loads > 0);
+- device guard: every Triton launch runs under devices.on_device (Triton launches on the
+  current CUDA device, not the tensors'): counted when the launches are recorded;
 - shared memory: no kernel asks for more shared memory per block than the target has (227 KB
   on sm_90, 163 KB on sm_80): such a config would fail at launch;
 - conv scalar loads: no conv kernel has a scalar 16-bit global load (its activation, weight,
@@ -45,12 +47,16 @@ def _label(row: dict) -> str:
 
 def failures(rows: List[dict], capability: int) -> Dict[str, List[str]]:
     """Gate name -> the variants that fail it (empty lists: passed)."""
-    failed: Dict[str, List[str]] = {"compiles": [], "spills": [], "shared memory": [],
+    failed: Dict[str, List[str]] = {"compiles": [], "device guard": [], "spills": [],
+                                    "shared memory": [],
                                     "conv scalar 16-bit loads": [],
                                     "16-bit conv without wgmma": [],
                                     "16-bit BN reduction without 16-byte loads": []}
     reductions = defaultdict(list)
     for row in rows:
+        if row.get("unguarded_launches"):
+            failed["device guard"].append(f"{_label(row)}: {row['unguarded_launches']} launches "
+                                          f"not under devices.on_device: {row['used_by'][:3]}")
         if row.get("error"):
             failed["compiles"].append(f"{_label(row)}: {row['error'][:300]}")
             continue

@@ -52,34 +52,67 @@ def _disk_key(key) -> str:
     return f"{device}|{key!r}"
 
 
+_warned: set = set()
+
+
+def _warn_once(what: str, message: str) -> None:
+    """One warning per kind of cache problem per process: the cache is an optimisation."""
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"fused_resnet: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _read_cache_file(path: str) -> dict:
+    """The choices a cache file holds ({} if none). A file that is not a JSON object of
+    strings (truncated, corrupt, written by something else) is ignored, with one warning."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _warn_once("read", f"cannot read the tuning cache {path} ({type(exc).__name__}: "
+                           f"{exc}); it is ignored and choices are measured again")
+        return {}
+    if not isinstance(data, dict):
+        _warn_once("read", f"the tuning cache {path} is not a JSON object; it is ignored and "
+                           f"choices are measured again")
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _load_disk() -> dict:
     global _disk
     if _disk is None:
-        _disk = {}
         path = cache_path()
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    _disk = json.load(f)
-            except (OSError, ValueError):  # a corrupt cache is remeasured, never fatal
-                _disk = {}
+        _disk = _read_cache_file(path) if path else {}
     return _disk
 
 
 def _save_disk(key, choice: str) -> None:
+    """Adds one choice to the cache file: merged with what other processes wrote meanwhile,
+    written to a temporary file and renamed over it (atomic: a reader never sees half a file;
+    two writers lose at most each other's newest entries, never the file)."""
     path = cache_path()
     if path is None:
         return
     disk = _load_disk()
     disk[_disk_key(key)] = choice
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json")
+        merged = {**_read_cache_file(path), **disk}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json.tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(disk, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
-    except OSError:
-        pass  # read-only home: the in-memory cache still works
+            json.dump(merged, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:  # read-only or full: the in-memory cache still works
+        _warn_once("write", f"cannot write the tuning cache {path} ({exc}); choices are kept "
+                            f"in memory only")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def tuned_choice(key, candidates: dict, timer=None, persist: bool = False):
@@ -97,13 +130,14 @@ def tuned_choice(key, candidates: dict, timer=None, persist: bool = False):
         if remembered in candidates:
             _cache[key] = remembered
         else:
-            _cache[key] = _fastest(key, candidates, timer or cuda_median_ms)
-            if persist:
-                _save_disk(key, _cache[key])
+            _cache[key], complete = _fastest(key, candidates, timer or cuda_median_ms)
+            if persist and complete:  # a choice made without a failed candidate only: once
+                _save_disk(key, _cache[key])  # fixed, it is measured again by a new process
     return _cache[key]
 
 
 def _fastest(key, candidates: dict, timer):
+    """(the fastest candidate that ran, whether all of them ran)."""
     times, errors = {}, {}
     for name, fn in candidates.items():
         try:
@@ -115,7 +149,7 @@ def _fastest(key, candidates: dict, timer):
                       f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
     if not times:
         raise next(iter(errors.values()))
-    return min(times, key=times.get)
+    return min(times, key=times.get), not errors
 
 
 def cached(key):

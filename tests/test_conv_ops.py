@@ -348,8 +348,65 @@ def test_measured_choice_leaves_out_a_disagreeing_candidate():
         "cutlass": lambda: (reference.flip(0), reference.mean()),  # wrong layout
     }
     with pytest.warns(RuntimeWarning, match="cutlass path disagrees"):
-        kept = conv_ops.agreeing("bn_stats", candidates)
+        kept = conv_ops.agreeing("bn_stats", "key-a", candidates)
     assert sorted(kept) == ["library", "triton"]
     candidates["cutlass"] = lambda: (reference * float("nan"), reference.mean())
     with pytest.warns(RuntimeWarning, match="cutlass"):
-        assert "cutlass" not in conv_ops.agreeing("bn_stats", candidates)
+        assert "cutlass" not in conv_ops.agreeing("bn_stats", "key-b", candidates)
+
+    def broken():
+        raise RuntimeError("out of shared memory")
+
+    candidates["cutlass"] = broken
+    with pytest.warns(RuntimeWarning, match="cutlass path failed"):
+        assert "cutlass" not in conv_ops.agreeing("bn_stats", "key-c", candidates)
+
+
+class _CudaLike:
+    """Stands for a CUDA tensor in the path-trust logic (which looks at the device only)."""
+    device = torch.device("cuda", 0)
+    is_cuda = False  # devices.on_device: nothing to switch
+    shape = (2, 8, 5, 5)
+
+
+@pytest.fixture
+def measurable(monkeypatch):
+    monkeypatch.setattr(conv_ops, "_agreed", {})
+    monkeypatch.setattr(conv_ops.tuning, "can_measure", lambda: True)
+
+
+def test_remembered_or_forced_path_is_checked_once(measurable):
+    """A path chosen without a measurement in this process (remembered on disk, or a forced
+    backend's CUTLASS conv) is compared with the library conv once per shape before it is
+    used; a wrong one gives way to the library conv with a warning."""
+    reference = torch.randn(2, 8, 5, 5)
+    runs = {"library": 0, "triton": 0}
+
+    def counted(name, value):
+        def run():
+            runs[name] += 1
+            return value
+        return run
+
+    good = {"library": counted("library", reference), "triton": counted("triton", reference)}
+    assert conv_ops.trusted("epilogue", "k1", "triton", good, _CudaLike()) == "triton"
+    assert conv_ops.trusted("epilogue", "k1", "triton", good, _CudaLike()) == "triton"
+    assert runs == {"library": 1, "triton": 1}  # checked once, then trusted
+    wrong = {"library": lambda: reference, "cutlass": lambda: reference + 1.0}
+    with pytest.warns(RuntimeWarning, match="cutlass path disagrees"):
+        assert conv_ops.trusted("epilogue", "k2", "cutlass", wrong, _CudaLike()) == "library"
+    assert conv_ops.trusted("epilogue", "k2", "cutlass", wrong, _CudaLike()) == "library"
+    with pytest.raises(RuntimeError, match="forced but its epilogue output disagrees"):
+        conv_ops.trusted("epilogue", "k2", "cutlass", wrong, _CudaLike(), forced=True)
+
+
+def test_unchecked_path_gives_way_during_graph_capture(monkeypatch):
+    """While a CUDA graph is captured nothing can be compared: an unchecked path is not used."""
+    monkeypatch.setattr(conv_ops, "_agreed", {})
+    monkeypatch.setattr(conv_ops.tuning, "can_measure", lambda: False)
+    candidates = {"library": lambda: torch.ones(1), "triton": lambda: torch.ones(1)}
+    assert conv_ops.trusted("epilogue", "k", "triton", candidates, _CudaLike()) == "library"
+    conv_ops._agreed[("k", "triton")] = True
+    assert conv_ops.trusted("epilogue", "k", "triton", candidates, _CudaLike()) == "triton"
+    # on the CPU (the interpreter, the C++ kernels) the path is what was asked for
+    assert conv_ops.trusted("epilogue", "k", "triton", candidates, torch.ones(1)) == "triton"

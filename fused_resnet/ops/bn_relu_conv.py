@@ -48,7 +48,7 @@ def _forward_triton(input, scale, shift, weight, stride, padding):
     conv = conv_ops._conv_kernels()
     z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
                                       stats=True, prologue=(scale.float(), shift.float()),
-                                      allow_tf32=conv_ops._allow_tf32())
+                                      allow_tf32=conv_ops.allows_tf32())
     return conv_ops._output_like(z, input), mean, var
 
 

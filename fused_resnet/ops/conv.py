@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_resnet import _extension, backend, layout, tuning
+from fused_resnet import _extension, backend, devices, layout, tuning
 from fused_resnet.ops.bn_add_relu import _run
 
 
@@ -53,11 +53,16 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
         return f"dtype {input.dtype}"
     if weight.dtype != input.dtype:
         return "weight dtype differs from input dtype"
-    n, _, h, w = input.shape
-    _, _, oh, ow = _conv_out_shape(input, weight, stride, padding, dilation)
-    if not _conv_kernels().fits_pixel_index(n, max(h * w, oh * ow)):
+    n, _, oh, ow = _conv_out_shape(input, weight, stride, padding, dilation)
+    if not _conv_kernels().fits_pixel_index(*_pixels(input)) or \
+            not _conv_kernels().fits_pixel_index(n, oh * ow):
         return "2^31 pixels or more (the kernel's pixel index is int32)"
     return None
+
+
+def _pixels(t):
+    """(N, H*W) of an NCHW-shaped tensor."""
+    return t.shape[0], t.shape[2] * t.shape[3]
 
 
 def cutlass_unsupported(input, weight, stride, padding, dilation, groups) -> Optional[str]:
@@ -149,22 +154,54 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
                 groups) -> str:
     """The path to run: conv_path's answer, or on CUDA with the auto backend, the fastest of
     the candidates that can run this op and shape, measured once and cached in memory and on
-    disk (like cudnn.benchmark; see fused_resnet.tuning)."""
-    if _forced_path is not None:
-        return _forced(candidates, input, weight, stride, padding, dilation, groups)
-    requested = backend.requested()
-    if requested != "auto" or input.device.type != "cuda":
-        return conv_path(input, weight, stride, padding, dilation, groups,
-                         cutlass="cutlass" in candidates)
+    disk (like cudnn.benchmark; see fused_resnet.tuning). On CUDA a path other than the library
+    conv is used only once it agreed with the library conv on this process's input of this
+    shape (see trusted)."""
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
+    if _forced_path is not None:
+        return trusted(op, key, _forced(candidates, input, weight, stride, padding, dilation,
+                                        groups), candidates, input, forced=True)
+    if backend.requested() != "auto" or input.device.type != "cuda":
+        return trusted(op, key, conv_path(input, weight, stride, padding, dilation, groups,
+                                          cutlass="cutlass" in candidates), candidates, input)
     choice = tuning.cached(key)
-    if choice in candidates:
-        return choice  # also during CUDA-graph capture, where nothing is measured
+    if choice in candidates:  # measured in this process, or remembered from an earlier one
+        return trusted(op, key, choice, candidates, input)
     runnable = _runnable(candidates, input, weight, stride, padding, dilation, groups)
     if len(runnable) < 2 or not tuning.can_measure():
         return conv_path(input, weight, stride, padding, dilation, groups)
-    return tuning.tuned_choice(key, agreeing(op, runnable), persist=True)
+    with devices.on_device(input):  # run and time on the input's GPU
+        kept = agreeing(op, key, runnable)
+        # a choice made without a candidate that failed or disagreed is not remembered on
+        # disk: a later process (with that kernel fixed, say) measures again
+        return tuning.tuned_choice(key, kept, persist=len(kept) == len(runnable))
+
+
+# (choice key, path) -> whether that path agreed with the library conv in this process
+_agreed: dict = {}
+
+
+def trusted(op: str, key, path: str, candidates: dict, input, forced: bool = False) -> str:
+    """`path`, if it can be trusted here: on CUDA, a path other than the library conv that has
+    not yet agreed with the library conv in this process (a forced backend's CUTLASS conv, a
+    choice remembered on disk from another process) is checked once per shape first. One that
+    disagrees gives way to the library conv, with a warning (forced=True: use_path forced it
+    by name, which then raises instead); during CUDA-graph capture, where nothing can be
+    checked, an unchecked path gives way too."""
+    if path == "library" or input.device.type != "cuda" or "library" not in candidates:
+        return path
+    if (key, path) not in _agreed:
+        if not tuning.can_measure():
+            return "library"
+        with devices.on_device(input):
+            agreeing(op, key, {"library": candidates["library"], path: candidates[path]})
+    if _agreed[(key, path)]:
+        return path
+    if forced:
+        raise RuntimeError(f"fused_resnet: conv path {path!r} was forced but its {op} output "
+                           f"disagrees with the library conv for input {tuple(input.shape)}")
+    return "library"
 
 
 # Normwise relative difference allowed between a candidate's output and the library path's
@@ -177,11 +214,11 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def agreeing(op: str, candidates: dict) -> dict:
+def agreeing(op: str, key, candidates: dict) -> dict:
     """The candidates whose output agrees with the library path's on this very input (each
     run once before the timing): a kernel that never ran on this GPU before must not win the
-    measurement by being fast and wrong. A disagreeing one is left out for this shape, with a
-    warning that names it."""
+    measurement by being fast and wrong. A disagreeing one (or one that fails) is left out for
+    this shape, with a warning that names it; every verdict is remembered for `key`."""
     from fused_resnet.verify import normwise_error  # verify imports the ops: not at load
 
     if "library" not in candidates:
@@ -197,9 +234,11 @@ def agreeing(op: str, candidates: dict) -> dict:
             warnings.warn(f"fused_resnet: {op} on the {name} path failed ({type(exc).__name__}: "
                           f"{exc}); it is not used for this shape", RuntimeWarning,
                           stacklevel=2)
+            _agreed[(key, name)] = False
             continue
         worst = max(normwise_error(a, b) for a, b in zip(got, reference))
-        if worst <= AGREEMENT:  # NaN compares False: left out too
+        _agreed[(key, name)] = worst <= AGREEMENT  # NaN compares False: left out too
+        if _agreed[(key, name)]:
             kept[name] = fn
         else:
             warnings.warn(f"fused_resnet: {op} on the {name} path disagrees with the library "
@@ -235,8 +274,20 @@ def _empty_conv_out(input, weight, stride, padding, dilation):
                        memory_format=layout.kernel_format(input))
 
 
-def _allow_tf32() -> bool:
-    return torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+def allows_tf32() -> bool:
+    """Whether PyTorch lets cuDNN run fp32 convs on TF32 tensor cores (the Triton conv, which
+    stands in for them, follows the same setting). torch >= 2.9 has a per-operator
+    fp32_precision API ("none" defers to the backend's, then the global setting); reading the
+    legacy allow_tf32 flags once it was used raises, so it is read first."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(torch.backends, "fp32_precision"):
+        return bool(cudnn.allow_tf32)  # older torch: the legacy flag only
+    for precision in (conv.fp32_precision, cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 # ---- conv2d_epilogue ----------------------------------------------------------------------------
@@ -247,7 +298,7 @@ def _epilogue_triton(input, weight, stride, padding, scale, bias, residual, relu
     out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
                               scale=scale_f if scale is not None else None,
                               bias=bias_f if bias is not None else None, residual=residual,
-                              relu=relu, allow_tf32=_allow_tf32())
+                              relu=relu, allow_tf32=allows_tf32())
     return _output_like(out, input)
 
 
@@ -304,7 +355,7 @@ def _dual_triton(input, weight, stride, padding, shortcut_input, shortcut_weight
     out, _ = conv.conv2d_nhwc(
         input, conv.pack_weight(weight), stride[0], padding[0], bias=bias_f, relu=relu,
         shortcut=(shortcut_input, conv.pack_weight(shortcut_weight), shortcut_stride),
-        allow_tf32=_allow_tf32())
+        allow_tf32=allows_tf32())
     return _output_like(out, input)
 
 
@@ -334,17 +385,56 @@ def _dual_plan(input, weight, stride, padding, shortcut_input, shortcut_weight, 
     # The kernel's second operand is a 1x1 conv of a tensor of the same dtype.
     if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
         return {"library": lambda: _dual_library(*args)}, conv
-    candidates = {"triton": lambda: _dual_triton(*args), "library": lambda: _dual_library(*args)}
+    candidates = {"library": lambda: _dual_library(*args)}
+    if _conv_kernels().fits_pixel_index(*_pixels(shortcut_input)):  # its second operand too
+        candidates["triton"] = lambda: _dual_triton(*args)
     if cutlass_unsupported(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
                            [1, 1], 1) is None:
         candidates["cutlass"] = lambda: _dual_cutlass(*args)
     return candidates, conv
 
 
+def _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                shortcut_stride):
+    """The shortcut must produce conv3's output grid and channels (a mismatch would make the
+    fused GEMM read past the shortcut input): checked before any kernel, naming the problem."""
+    n, c_out, oh, ow = _conv_out_shape(input, weight, stride, padding, [1, 1])
+    if shortcut_input.dim() != 4 or shortcut_weight.dim() != 4:
+        raise ValueError(f"conv2d_dual_epilogue: shortcut input and weight must be 4-D, got "
+                         f"{tuple(shortcut_input.shape)} and {tuple(shortcut_weight.shape)}")
+    if shortcut_stride < 1:
+        raise ValueError(f"conv2d_dual_epilogue: shortcut_stride must be >= 1, got "
+                         f"{shortcut_stride}")
+    sn, sc, sh, sw = shortcut_input.shape
+    k_out, k_in, kh, kw = shortcut_weight.shape
+    grid = ((sh - kh) // shortcut_stride + 1, (sw - kw) // shortcut_stride + 1)
+    problems = []
+    if sn != n:
+        problems.append(f"batch {sn} != {n}")
+    if k_out != c_out:
+        problems.append(f"shortcut weight has {k_out} output channels, conv3 {c_out}")
+    if k_in != sc:
+        problems.append(f"shortcut weight expects {k_in} input channels, the shortcut input "
+                        f"has {sc}")
+    if grid != (oh, ow):
+        problems.append(f"the shortcut's output is {grid[0]}x{grid[1]}, conv3's {oh}x{ow}")
+    for name, t in (("shortcut_input", shortcut_input), ("shortcut_weight", shortcut_weight)):
+        if t.device != input.device:
+            problems.append(f"{name} is on {t.device}, input on {input.device}")
+    if problems:
+        raise ValueError(f"conv2d_dual_epilogue: the projection shortcut does not match conv3 "
+                         f"(input {tuple(input.shape)}, weight {tuple(weight.shape)}, shortcut "
+                         f"input {tuple(shortcut_input.shape)}, weight "
+                         f"{tuple(shortcut_weight.shape)}, stride {shortcut_stride}): "
+                         + "; ".join(problems))
+
+
 @torch.library.custom_op("fused_resnet::conv2d_dual_epilogue", mutates_args=())
 def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                          shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
                          bias: Optional[Tensor], relu: bool) -> Tensor:
+    _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                shortcut_stride)
     candidates, conv = _dual_plan(input, weight, stride, padding, shortcut_input,
                                   shortcut_weight, shortcut_stride, bias, relu)
     if len(candidates) == 1:
@@ -355,6 +445,8 @@ def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], paddi
 @conv2d_dual_epilogue.register_fake
 def _(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride, bias,
       relu):
+    _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                shortcut_stride)
     return _empty_conv_out(input, weight, stride, padding, [1, 1])
 
 
@@ -362,7 +454,7 @@ def _(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_
 def _stats_triton(input, weight, stride, padding):
     conv = _conv_kernels()
     z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
-                                      stats=True, allow_tf32=_allow_tf32())
+                                      stats=True, allow_tf32=allows_tf32())
     return _output_like(z, input), mean, var
 
 

@@ -8,7 +8,9 @@ besides PyTorch's copies and casts):
 - the CUTLASS convs (conv2d_bias_act_cutlass, fp16/bf16, ReLU/identity; the fp16 ConvBNfprop
   bn_relu_conv2d_cutlass), on both tile sizes: the large 128x128 tile that every ResNet-50
   conv takes at batch 256 (cutlass_conv_plan picks it from ~132 output tiles up), reached here
-  with the fewest output tiles that still select it, and the small 64x64 tile;
+  with the fewest output tiles that still select it, and the small 64x64 tile; and with every
+  operand a misaligned view (odd storage offsets), which the glue must copy to aligned storage
+  (the dry run checks that copy, cutlass_launch_operand, on CPU tensors);
 - the Triton implicit-GEMM conv (epilogue, statistics, BN + ReLU prologue, projection
   shortcut, the padded C_in=3 stem), every tile config the launcher measures for the shape.
 
@@ -183,6 +185,58 @@ def cutlass_cases(chk: Checker) -> None:
                           2e-2)
 
 
+def _at_offset(t, offset):
+    """t's values and strides, `offset` elements into a new storage: a misaligned view."""
+    view = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device).as_strided(
+        t.shape, t.stride(), offset)
+    return view.copy_(t)
+
+
+# operand of the CUTLASS glue -> (alignment in bytes, dtype, 4-D): csrc/common/cutlass_conv_plan.h
+CUTLASS_OPERANDS = {"activation": (16, torch.float16, True), "filter": (16, torch.bfloat16, True),
+                    "output": (16, torch.float16, True), "residual": (16, torch.float16, True),
+                    "bias": (32, torch.float32, False), "bn_scale": (16, torch.float16, False),
+                    "bn_shift": (16, torch.float16, False)}
+
+
+def cutlass_misaligned(chk: Checker) -> None:
+    """Misaligned views as CUTLASS operands. GPU: each op with every operand at an odd storage
+    offset gives the aligned operands' result exactly (and memcheck sees no misaligned access).
+    Dry run: the glue's copy to aligned storage (cutlass_launch_operand) on CPU tensors."""
+    if not getattr(_extension.load(), "with_cutlass", 0):
+        if chk.device == "cuda":
+            chk.check("cutlass misaligned", False, "(_C was built without the CUTLASS kernels)")
+        else:
+            print("gpu_sanitize: cutlass misaligned: skipped (_C without the CUTLASS glue)")
+        return
+    if chk.device != "cuda":
+        for operand, (align, dtype, four_d) in CUTLASS_OPERANDS.items():
+            t = torch.randn(2, 8, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last) \
+                if four_d else torch.randn(24).to(dtype)
+            for offset in range(2 * align // t.element_size()):
+                got = ops.cutlass_launch_operand(_at_offset(t, offset), operand)
+                chk.check(f"cutlass operand {operand}+{offset}",
+                          got.data_ptr() % align == 0 and torch.equal(got, t))
+        return
+    cl = torch.channels_last
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 64, 15, 15).to(dtype).contiguous(memory_format=cl).cuda()
+        w = (torch.randn(64, 64, 3, 3) / 24).to(dtype).contiguous(memory_format=cl).cuda()
+        bias, r = torch.randn(64).cuda(), torch.randn_like(x)
+        want = ops.conv2d_bias_act_cutlass(x, w, 1, 1, bias, r, True)
+        got = ops.conv2d_bias_act_cutlass(_at_offset(x, 1), _at_offset(w, 3),
+                                          _at_offset(bias, 4), _at_offset(r, 5), True)
+        chk.check(f"cutlass misaligned operands {str(dtype)[6:]}",
+                  torch.equal(got.cpu(), want.cpu()))
+        if dtype == torch.float16:
+            scale, shift = (torch.rand(64) + 0.5).half().cuda(), torch.randn(64).half().cuda()
+            want = ops.bn_relu_conv2d_cutlass(x, scale, shift, w, 1, 1)
+            got = ops.bn_relu_conv2d_cutlass(_at_offset(x, 7), _at_offset(scale, 1),
+                                             _at_offset(shift, 3), _at_offset(w, 1), 1, 1)
+            chk.check("cutlass misaligned operands bn_relu_conv fp16",
+                      torch.equal(got.cpu(), want.cpu()))
+
+
 def triton_cases(chk: Checker) -> None:
     """fused_resnet.kernels.conv.conv2d_nhwc with config=None: on a GPU the launcher measures
     every tile config it offers for the shape (each runs under the sanitizer), then runs the
@@ -248,12 +302,13 @@ def main() -> int:
     chk = Checker(device)
     parts = [("bn", bn_cases), ("cutlass plans", cutlass_plans)]
     parts += [("cutlass", cutlass_cases)] if device == "cuda" else []
+    parts += [("cutlass misaligned", cutlass_misaligned)]
     parts += [("triton", triton_cases)]
     for name, part in parts:
         before = chk.cases
         part(chk)
         print(f"gpu_sanitize: {name}: {chk.cases - before} checks", flush=True)
-    mode = " (dry run: CPU tensors, CUTLASS plans only)" if DRY_RUN else ""
+    mode = " (dry run: CPU tensors; CUTLASS: plans and operand alignment only)" if DRY_RUN else ""
     print(f"gpu_sanitize: {chk.failures} mismatches in {chk.cases} checks{mode}")
     return 1 if chk.failures else 0
 

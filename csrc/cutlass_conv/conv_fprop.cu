@@ -41,12 +41,20 @@ using SmallTile = cutlass::gemm::GemmShape<64, 64, 32>;
 using SmallWarp = cutlass::gemm::GemmShape<32, 32, 32>;
 
 template <typename Conv>
-const char* run(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
+std::string run(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
                 const void* w, const float* bias, const void* residual, void* out,
                 cudaStream_t stream) {
   using Element = typename Conv::Device::ElementA;
   using cutlass_launch::nhwc;
   const int64_t c = plan.padded_c;
+  const std::string problem = cutlass_launch::describe(pr, plan, c);
+  const CutlassOperandPtr operands[] = {{CutlassOperand::kActivation, x},
+                                        {CutlassOperand::kFilter, w},
+                                        {CutlassOperand::kBias, bias},
+                                        {CutlassOperand::kResidual, residual},
+                                        {CutlassOperand::kOutput, out}};
+  std::string error = cutlass_launch::check_alignment(operands, problem);
+  if (!error.empty()) return error;
   auto out_ref = nhwc<Element>(out, pr.n, plan.p, plan.q, pr.k);
   typename Conv::Device::Arguments args(
       cutlass_launch::problem_size(pr, plan, c), nhwc<Element>(x, pr.n, pr.h, pr.w, c),
@@ -54,11 +62,11 @@ const char* run(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const
       residual != nullptr ? nhwc<Element>(residual, pr.n, plan.p, plan.q, pr.k) : out_ref,
       out_ref, {1.0f, residual != nullptr ? 1.0f : 0.0f}, cutlass::conv::SplitKMode::kSerial,
       const_cast<float*>(bias), nullptr, 0, 0);
-  return cutlass_launch::run<typename Conv::Device>(args, stream);
+  return cutlass_launch::run<typename Conv::Device>(args, stream, problem);
 }
 
 template <typename Element, typename Act>
-const char* run_tile(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
+std::string run_tile(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
                      const void* w, const float* bias, const void* residual, void* out,
                      cudaStream_t stream) {
   if (plan.tile == CutlassTile::kLarge) {
@@ -70,7 +78,7 @@ const char* run_tile(const CutlassConvProblem& pr, const CutlassConvPlan& plan, 
 }
 
 template <typename Element>
-const char* run_act(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
+std::string run_act(const CutlassConvProblem& pr, const CutlassConvPlan& plan, const void* x,
                     const void* w, const float* bias, const void* residual, void* out, bool relu,
                     cudaStream_t stream) {
   if (relu) {
@@ -83,13 +91,14 @@ const char* run_act(const CutlassConvProblem& pr, const CutlassConvPlan& plan, c
 
 }  // namespace
 
-const char* cutlass_conv2d_bias_act(const CutlassConvProblem& problem,
+std::string cutlass_conv2d_bias_act(const CutlassConvProblem& problem,
                                     const CutlassConvPlan& plan, CutlassDtype dtype,
                                     const void* x, const void* w, const float* bias,
                                     const void* residual, void* out, bool relu,
                                     cudaStream_t stream) {
-  if (plan.unsupported != nullptr) {
-    return plan.unsupported;
+  if (plan.unsupported != nullptr) return plan.unsupported;
+  if (bias == nullptr || x == nullptr || w == nullptr || out == nullptr) {
+    return "null input, filter, bias or output pointer";
   }
   if (dtype == CutlassDtype::kHalf) {
     return run_act<cutlass::half_t>(problem, plan, x, w, bias, residual, out, relu, stream);

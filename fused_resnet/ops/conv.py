@@ -66,11 +66,19 @@ def _pixels(t):
 
 
 def cutlass_unsupported(input, weight, stride, padding, dilation, groups) -> Optional[str]:
-    """Why the CUTLASS conv cannot run this configuration (None if it can)."""
+    """Why the CUTLASS conv cannot run this configuration (None if it can). The sizes are
+    judged by _C.cutlass_conv_plan (csrc/common/cutlass_conv_plan.h), the rule the op itself
+    applies. Storage alignment is not a reason: the op copies an operand whose address is not
+    aligned for CUTLASS's vector accesses (a view with an odd storage offset) before launching
+    (cutlass_operand_info in the same header)."""
     if not _extension.available() or not getattr(_extension.load(), "with_cutlass", 0):
         return "fused_resnet._C was built without the CUTLASS conv kernels"
     if input.device.type != "cuda":
         return "the CUTLASS conv runs on CUDA devices only"
+    if weight.device != input.device:
+        return f"weight on {weight.device}, input on {input.device}"
+    if input.dim() != 4 or weight.dim() != 4:
+        return "input and weight must be 4-D"
     if input.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != input.dtype:
         return f"dtype {input.dtype} (float16 or bfloat16 input and weight)"
     if stride[0] != stride[1] or padding[0] != padding[1] or list(dilation) != [1, 1] \

@@ -273,6 +273,41 @@ def test_resnet50_convs_cuda(backend_name, dtype, shape):
     assert c.ok, c
 
 
+@pytest.fixture
+def tf32_setting():
+    """Sets whether cuDNN's fp32 convs (and so the Triton conv) may use TF32; restored after."""
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    yield lambda allowed: setattr(conv, "fp32_precision", "tf32" if allowed else "ieee")
+    conv.fp32_precision = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9")
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+@pytest.mark.parametrize("shape", [RESNET50_CONVS[2], RESNET50_CONVS[7], RESNET50_CONVS[0]],
+                         ids=lambda s: "-".join(map(str, s)))
+def test_fp32_triton_conv_within_cudnn_error(tf32_setting, tf32, shape):
+    """fp32 with TF32 allowed (PyTorch's default for cuDNN convs) and not: the Triton conv's
+    error is within 2x cuDNN's own in the same mode (its TF32 truncates operands where cuDNN
+    rounds them, so it runs three TF32 passes instead of one)."""
+    if backend.why_not("triton", "cuda") is not None:
+        pytest.skip(backend.why_not("triton", "cuda"))
+    tf32_setting(tf32)
+    assert conv_ops.allows_tf32() == tf32
+    cin, cout, k, s, p, hw = shape
+    x = torch.randn(8, cin, hw, hw, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5
+    bias = torch.randn(cout, device="cuda")
+    with backend.use("triton"), conv_ops.use_path("triton"):
+        out = ops.conv2d_epilogue(x, w, [s, s], [p, p], [1, 1], 1, None, bias, None, False)
+    ref64 = F.conv2d(x.double(), w.double(), bias.double(), s, p)
+    cudnn = F.conv2d(x, w, bias, s, p)
+    c = compare("fp32 conv", out, ref64, cudnn)
+    assert c.ok, c
+
+
 def test_torch_compile_inductor_conv_epilogue():
     x, w, stride, padding, dilation, groups = _args(CONVS[3], torch.float32)
     scale, bias = torch.rand(w.shape[0]) + 0.5, torch.randn(w.shape[0])

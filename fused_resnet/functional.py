@@ -1,8 +1,9 @@
 """Differentiable functional API of fused_resnet."""
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fused_resnet import ops  # noqa: F401  (registers torch.ops.fused_resnet)
@@ -17,7 +18,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
                         momentum: Optional[float] = 0.1, eps: float = 1e-5, relu: bool = True,
                         num_batches_tracked: Optional[Tensor] = None, *,
                         batch_mean: Optional[Tensor] = None,
-                        batch_var: Optional[Tensor] = None) -> Tensor:
+                        batch_var: Optional[Tensor] = None,
+                        running_stats_updates: Optional[list] = None) -> Tensor:
     """relu(F.batch_norm(input, ...) + residual) in one fused pass (forward and backward).
 
     Same semantics as F.batch_norm followed by the add and the ReLU: training normalises with
@@ -31,19 +33,47 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     batch_mean, batch_var: the batch mean and biased variance of `input` if already computed
     (conv2d_bn_stats computes them in the conv's epilogue); training only. Gradients still
     flow through the batch statistics, as in F.batch_norm.
+    running_stats_updates: a list to append the running-statistics update to instead of
+    applying it (a fused block applies its BNs' updates once nothing in it can raise).
+
+    An empty batch is nn.BatchNorm2d's: an empty output whose backward gives weight and bias
+    zero gradients; in training, running statistics left exactly as they are and
+    num_batches_tracked incremented. Nothing is updated when anything raises.
     """
     _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
                      momentum, num_batches_tracked)
     _check_batch_stats(input, batch_mean, batch_var, training)
     input, residual = _autocast_common_dtype(input, residual)
-    out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
-        input, residual, weight, bias,
-        None if training else running_mean, None if training else running_var,
-        training, eps, relu, _needs_grad(input, residual, weight, bias), batch_mean, batch_var)
+    if input.numel() == 0:
+        out, mean, var = _empty_batch(input, residual, weight, bias, relu), None, None
+    else:
+        out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
+            input, residual, weight, bias,
+            None if training else running_mean, None if training else running_var,
+            training, eps, relu, autograd_records(input, residual, weight, bias), batch_mean,
+            batch_var)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, input, momentum,
-                              num_batches_tracked)
+        update = running_stats_update(running_mean, running_var, mean, var, input, momentum,
+                                      num_batches_tracked)
+        if running_stats_updates is None:
+            apply_running_stats_updates([update])  # the last step: nothing left to raise
+        else:
+            running_stats_updates.append(update)
     return out
+
+
+def _empty_batch(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], relu: bool) -> Tensor:
+    """relu(bn(input) + residual) of a batch without values, as PyTorch computes it: the kernels'
+    statistics of nothing are NaN, and so would be weight's gradient (0 * rsqrt(NaN));
+    F.batch_norm returns an empty output that still carries gradients (zeros for weight and
+    bias). Training or not makes no difference here: there are no values to normalise."""
+    out = F.batch_norm(input, None, None, weight, bias, training=True)
+    if residual is not None:
+        out = out + residual
+    # clamp, not relu: relu keeps its output for backward, and the output of a fused stem is
+    # overwritten by the inplace ReLU module that follows it (no values: the same result).
+    return out.clamp(min=0) if relu else out
 
 
 def _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
@@ -83,6 +113,10 @@ def _check_arguments(input, residual, running_mean, running_var, weight, bias, t
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm_add_relu: running_mean and running_var must be given "
                          "together (or both None)")
+    if running_mean is not None and running_var.dtype != running_mean.dtype:
+        raise TypeError(f"batch_norm_add_relu: running_var has dtype {running_var.dtype} but "
+                        f"running_mean has dtype {running_mean.dtype} (F.batch_norm refuses "
+                        f"them too)")
     if not training and running_mean is None:
         raise RuntimeError("batch_norm_add_relu: running_mean must be defined in evaluation mode")
     if training:
@@ -106,8 +140,9 @@ def _check_batch_stats(input, batch_mean, batch_var, training):
                              f"on {input.device}, got {tuple(t.shape)} on {t.device}")
 
 
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd will record the op (then backward needs the ReLU mask)."""
+def autograd_records(*tensors) -> bool:
+    """Whether autograd will record an op on these tensors (then backward needs what the op
+    keeps for it, e.g. the ReLU mask)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -132,22 +167,70 @@ def _autocast_common_dtype(input: Tensor, residual: Optional[Tensor]):
     return input.to(common), residual.to(common)
 
 
-def update_running_stats(running_mean, running_var, mean, var, input, momentum,
-                          num_batches_tracked):
-    """nn.BatchNorm2d's update, in fp32, stored in the buffers' own dtype."""
+class RunningStatsUpdate(NamedTuple):
+    """nn.BatchNorm2d's in-place update of one BN's running statistics for one batch, ready to
+    apply. Kept apart from the forward that computes it so that a fused block applies the
+    updates of all its BNs only after everything in it that can raise has run: an exception
+    then leaves every buffer (and num_batches_tracked) as it was."""
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    mean: Optional[Tensor]  # the batch mean and biased variance (fp32); unused when count is 0
+    var: Optional[Tensor]
+    count: int  # values per channel in the batch
+
+
+def running_stats_update(running_mean: Tensor, running_var: Tensor, mean: Optional[Tensor],
+                         var: Optional[Tensor], input: Tensor, momentum: Optional[float],
+                         num_batches_tracked: Optional[Tensor]) -> RunningStatsUpdate:
+    """The update for a training batch `input` whose batch mean and biased variance are
+    mean, var."""
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    return RunningStatsUpdate(running_mean, running_var, num_batches_tracked, momentum, mean,
+                              var, count)
+
+
+def apply_running_stats_updates(updates) -> None:
+    """Apply RunningStatsUpdates in order: in-place tensor ops only (no host sync; traceable
+    and CUDA-graph capturable)."""
     with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / num_batches_tracked  # a tensor: no host sync, traceable
-        else:
-            factor = momentum
-        n = input.numel() // input.shape[1]
-        unbiased_var = var * (n / (n - 1))
-        if running_mean.dtype == mean.dtype:  # fp32 buffers: one kernel each
-            running_mean.lerp_(mean, factor)
-            running_var.lerp_(unbiased_var, factor)
-            return
-        acc = torch.promote_types(running_mean.dtype, mean.dtype)
-        running_mean.copy_(running_mean.to(acc) * (1 - factor) + mean * factor)
-        running_var.copy_(running_var.to(acc) * (1 - factor) + unbiased_var * factor)
+        for update in updates:
+            _apply(update)
+
+
+def with_running_stats_updates(compute: Callable[..., Tensor], *args, **kwargs) -> Tensor:
+    """compute(*args, updates=list, **kwargs), then the running-statistics updates it put in
+    the list: applied only once all of compute has run, so that an exception anywhere in it
+    leaves every BN's buffers as they were."""
+    updates: list = []
+    out = compute(*args, updates=updates, **kwargs)
+    apply_running_stats_updates(updates)
+    return out
+
+
+def _apply(update: RunningStatsUpdate) -> None:
+    """nn.BatchNorm2d's update, in fp32, stored in the buffers' own dtype. An empty batch is
+    counted (nn.BatchNorm2d increments num_batches_tracked before F.batch_norm) but leaves the
+    statistics as they are (F.batch_norm returns before updating them)."""
+    if update.num_batches_tracked is not None:
+        update.num_batches_tracked.add_(1)
+    if update.count == 0:
+        return
+    if update.momentum is None:  # cumulative average
+        factor = 1.0 / update.num_batches_tracked  # a tensor: no host sync, traceable
+    else:
+        factor = update.momentum
+    n = update.count
+    _moving_average_(update.running_mean, update.mean, factor)
+    _moving_average_(update.running_var, update.var * (n / (n - 1)), factor)  # unbiased
+
+
+def _moving_average_(buffer: Tensor, value: Tensor, factor) -> None:
+    """buffer = (1 - factor) * buffer + factor * value, computed in the wider of the two dtypes
+    (fp32 statistics) and stored in the buffer's dtype."""
+    if buffer.dtype == value.dtype:  # one kernel
+        buffer.lerp_(value, factor)
+        return
+    acc = torch.promote_types(buffer.dtype, value.dtype)
+    buffer.copy_(buffer.to(acc) * (1 - factor) + value * factor)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv
 
+from fused_resnet import functional
 from fused_resnet.models import PlainBlock
 from fused_resnet.modules.conv_bn_act import conv_bn_act, conv_bn_relu_chain, folded_weights
 
@@ -45,7 +46,10 @@ class _FusedBlock(nn.Module):
 
     Subclasses name what they reproduce: `convs_bns` (the conv and BN attributes),
     `activations` (ReLUs), `identities` (attributes that must be nn.Identity, e.g. timm's
-    drop_block / aa) and `absent` (attributes that must be None, e.g. timm's se / drop_path)."""
+    drop_block / aa) and `absent` (attributes that must be None, e.g. timm's se / drop_path),
+    and compute the block in `_forward(x, updates)`, which collects the running-statistics
+    updates of its BNs in `updates`: forward applies them once the whole block has run, so an
+    exception anywhere in it leaves every buffer as it was."""
 
     convs_bns: tuple = ()
     activations: tuple = ()
@@ -107,7 +111,13 @@ class _FusedBlock(nn.Module):
                 setattr(block, name, getattr(self, name))
         return block.train(self.training)
 
-    def _identity(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.with_running_stats_updates(self._forward, x)
+
+    def _forward(self, x: Tensor, updates: list) -> Tensor:
+        raise NotImplementedError
+
+    def _identity(self, x: Tensor, updates: list) -> Tensor:
         if self.downsample is None:
             return x
         parts = downsample_parts(self.downsample)
@@ -116,7 +126,8 @@ class _FusedBlock(nn.Module):
         pool, conv, bn = parts
         if pool is not None:
             x = pool(x)
-        return conv_bn_act(conv, bn, x, relu=False, cache=self._caches["downsample"])
+        return conv_bn_act(conv, bn, x, relu=False, cache=self._caches["downsample"],
+                           updates=updates)
 
     def _steps(self, count: int) -> list:
         """[(conv_i, bn_i, fold cache_i)] for i = 1..count, for conv_bn_relu_chain."""
@@ -134,8 +145,9 @@ class FusedBasicBlock(_FusedBlock):
     def block_type(cls):
         return tv.BasicBlock
 
-    def forward(self, x: Tensor) -> Tensor:
-        return conv_bn_relu_chain(self._steps(2), x, residual=self._identity(x))
+    def _forward(self, x: Tensor, updates: list) -> Tensor:
+        return conv_bn_relu_chain(self._steps(2), x, residual=self._identity(x, updates),
+                                  updates=updates)
 
 
 class FusedPlainBlock(_FusedBlock):
@@ -148,8 +160,8 @@ class FusedPlainBlock(_FusedBlock):
     def block_type(cls):
         return PlainBlock
 
-    def forward(self, x: Tensor) -> Tensor:
-        return conv_bn_relu_chain(self._steps(2), x)
+    def _forward(self, x: Tensor, updates: list) -> Tensor:
+        return conv_bn_relu_chain(self._steps(2), x, updates=updates)
 
 
 class FusedBottleneck(_FusedBlock):
@@ -163,14 +175,16 @@ class FusedBottleneck(_FusedBlock):
     def block_type(cls):
         return tv.Bottleneck
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, updates: list) -> Tensor:
         if self.bn3.training:
-            return conv_bn_relu_chain(self._steps(3), x, residual=self._identity(x))
-        out = conv_bn_relu_chain(self._steps(2), x)
+            return conv_bn_relu_chain(self._steps(3), x, residual=self._identity(x, updates),
+                                      updates=updates)
+        out = conv_bn_relu_chain(self._steps(2), x, updates=updates)
         if self._can_fuse_projection(out, x):
             return self._conv3_with_projection(out, x)
-        identity = self._identity(x)
-        return conv_bn_act(self.conv3, self.bn3, out, residual=identity, cache=self._caches["3"])
+        identity = self._identity(x, updates)
+        return conv_bn_act(self.conv3, self.bn3, out, residual=identity, cache=self._caches["3"],
+                           updates=updates)
 
     def _can_fuse_projection(self, out: Tensor, x: Tensor) -> bool:
         parts = downsample_parts(self.downsample)

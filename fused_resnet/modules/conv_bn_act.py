@@ -6,7 +6,9 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
   epilogue); inside a chain, each next conv takes the previous raw conv output and applies
   that BN + ReLU itself (bn_relu_conv2d_bn_stats, which keeps the conv output for backward but
   never the activation); the last BN runs batch_norm_add_relu with its statistics. Running
-  stats and num_batches_tracked updated exactly as nn.BatchNorm2d.
+  stats and num_batches_tracked updated exactly as nn.BatchNorm2d, but only once the whole
+  step or chain (or, given `updates`, the caller: a block) has run, so that an exception
+  leaves every buffer as it was. An empty batch takes the unfused ops (see _conv_with_stats).
 - eval: BN folded into the conv weights (fp32 math), conv2d_epilogue with the shift, the
   residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
   parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
@@ -60,7 +62,9 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, cache: Optional[dict]):
     return cache["value"]
 
 
-def _trains(bn: nn.BatchNorm2d) -> bool:
+def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
+    """Whether bn normalises with the batch statistics (training, or no running stats) rather
+    than folding into the conv."""
     return bn.training or bn.running_mean is None
 
 
@@ -79,10 +83,14 @@ def _with_conv_bias(conv: nn.Conv2d, z: Tensor, mean: Tensor):
     return z + conv.bias.to(z.dtype).view(1, -1, 1, 1), mean + conv.bias.to(mean.dtype)
 
 
-def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d) -> _Pending:
+def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d, updates: list) -> _Pending:
     """conv(x) and its batch statistics; x is a Tensor or a _Pending (the previous BN + ReLU
-    applied on the way in). Updates bn's running statistics."""
+    applied on the way in). Puts bn's running-statistics update in `updates`."""
     stride, padding, dilation, groups = _conv_args(conv)
+    if isinstance(x, _Pending) and x.z.numel() == 0:
+        # The fused prologue's backward would give the previous BN's weight a NaN gradient on
+        # an empty batch (0 * rsqrt of the NaN variance of nothing); PyTorch's is zero.
+        x = _finish(x, None, True)
     if isinstance(x, _Pending):
         z_in, weight = _autocast(x.z, conv.weight)
         p = x.bn
@@ -94,13 +102,15 @@ def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d) -> _Pending:
     z, mean = _with_conv_bias(conv, z, mean)
     functional.verify_batch_size(z)
     if bn.running_mean is not None:
-        functional.update_running_stats(bn.running_mean, bn.running_var, mean, var, z,
-                                        bn.momentum, bn.num_batches_tracked)
+        updates.append(functional.running_stats_update(bn.running_mean, bn.running_var, mean,
+                                                       var, z, bn.momentum,
+                                                       bn.num_batches_tracked))
     return _Pending(z, mean, var, bn)
 
 
 def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool) -> Tensor:
-    """relu(bn(z) + residual) with the batch statistics (running stats already updated)."""
+    """relu(bn(z) + residual) with the batch statistics (running-stats update already
+    collected)."""
     z, bn = pending.z, pending.bn
     if residual is not None and residual.dtype != z.dtype:
         residual = residual.to(z.dtype)
@@ -110,35 +120,47 @@ def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool) -> Tensor
 
 
 def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = None,
-                       relu: bool = True) -> Tensor:
+                       relu: bool = True, updates: Optional[list] = None) -> Tensor:
     """relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) for steps =
     [(conv_i, bn_i, fold cache_i)], ReLU between the steps always, at the end if `relu`.
     Training BNs pass their statistics along instead of their activation (see the module
-    docstring); eval BNs and unsupported convs go one pair at a time."""
+    docstring); eval BNs and unsupported convs go one pair at a time.
+    updates: a list collecting the BNs' running-statistics updates, for the caller to apply
+    once nothing else can raise; None applies them once the whole chain has run."""
+    if updates is None:
+        return functional.with_running_stats_updates(conv_bn_relu_chain, steps, x, residual,
+                                                     relu)
     pending = None
     for i, (conv, bn, cache) in enumerate(steps):
         last = i == len(steps) - 1
-        if _trains(bn) and _conv_args(conv) is not None:
-            pending = _conv_with_stats(conv, pending if pending is not None else x, bn)
+        if uses_batch_statistics(bn) and _conv_args(conv) is not None:
+            pending = _conv_with_stats(conv, pending if pending is not None else x, bn,
+                                       updates)
             continue
         if pending is not None:
             x, pending = _finish(pending, None, True), None
-        x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache)
+        x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache,
+                        updates)
     return x if pending is None else _finish(pending, residual, relu)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
-                relu: bool = True, cache: Optional[dict] = None) -> Tensor:
+                relu: bool = True, cache: Optional[dict] = None,
+                updates: Optional[list] = None) -> Tensor:
     """relu(bn(conv(x)) + residual) (ReLU and residual optional) with conv's and bn's own
-    parameters and buffers, nn.BatchNorm2d semantics in train and eval."""
+    parameters and buffers, nn.BatchNorm2d semantics in train and eval.
+    updates: as conv_bn_relu_chain's."""
+    if updates is None:
+        return functional.with_running_stats_updates(conv_bn_act, conv, bn, x, residual, relu,
+                                                     cache)
     args = _conv_args(conv)
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
             conv(x), residual, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-            training=_trains(bn), momentum=bn.momentum, eps=bn.eps, relu=relu,
-            num_batches_tracked=bn.num_batches_tracked)
-    if _trains(bn):
-        return _finish(_conv_with_stats(conv, x, bn), residual, relu)
+            training=uses_batch_statistics(bn), momentum=bn.momentum, eps=bn.eps, relu=relu,
+            num_batches_tracked=bn.num_batches_tracked, running_stats_updates=updates)
+    if uses_batch_statistics(bn):
+        return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu)
     stride, padding, dilation, groups = args
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)

@@ -7,7 +7,8 @@ place (relu of a ReLU output is the same tensor values and the same gradient).""
 
 from torch import Tensor, nn
 
-from fused_resnet.modules.conv_bn_act import conv_bn_act
+from fused_resnet import functional
+from fused_resnet.modules.conv_bn_act import conv_bn_act, uses_batch_statistics
 
 
 def _share(cls, module: nn.Module) -> nn.Module:
@@ -44,7 +45,19 @@ class FusedStem(nn.Conv2d):
         return stem, stem_bn
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv_bn_act(self, self._stem_bn, x, relu=True, cache=self._fold_cache)
+        return conv_bn_act(self, self._stem_bn, x, relu=self._applies_relu(x),
+                           cache=self._fold_cache)
+
+    def _applies_relu(self, x: Tensor) -> bool:
+        """Whether the ReLU is fused here or left to the ReLU module that follows. Folded (eval),
+        the fused conv keeps its output for the ReLU's backward, and that module (inplace=True
+        in torchvision and timm) overwrites it: when autograd records the folded conv (e.g.
+        fine-tuning with frozen BN statistics), the ReLU is left to the module, which gives the
+        same values and the same gradient."""
+        bn = self._stem_bn
+        if uses_batch_statistics(bn):  # the fused BN keeps a ReLU mask, not its output
+            return True
+        return not functional.autograd_records(x, self.weight, self.bias, bn.weight, bn.bias)
 
     def original(self) -> nn.Conv2d:
         """The original Conv2d, with the current train/eval mode."""

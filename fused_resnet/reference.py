@@ -57,12 +57,14 @@ def bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, traini
     batch statistics (b, c); eval does not (b = c = 0)."""
     invstd = 1.0 / torch.sqrt(var + eps)
     k = invstd * weight.to(var.dtype) if weight is not None else invstd
-    if training:
+    if training and count > 0:
         b = -k * invstd * invstd * sum_dz_xmu / count
         c = -k * sum_dz / count
     else:
         b, c = torch.zeros_like(k), torch.zeros_like(k)
-    return k, b, c, sum_dz_xmu * invstd, sum_dz.clone()
+    # An empty batch (count 0) has NaN statistics; PyTorch's weight gradient is 0, not 0*NaN.
+    grad_weight = sum_dz_xmu * invstd if count > 0 else torch.zeros_like(sum_dz_xmu)
+    return k, b, c, grad_weight, sum_dz.clone()
 
 
 def conv_epilogue(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,

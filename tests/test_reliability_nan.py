@@ -1,7 +1,8 @@
 """NaN survives every fused path, as it does in PyTorch (torch.relu keeps NaN; users and
 GradScaler rely on seeing it): the same output elements are NaN as in the PyTorch composition,
-on every backend and conv path usable here. And the TF32 setting is read without raising
-whichever of PyTorch's two APIs the user (or a library) set it with."""
+on every backend and conv path usable here. The TF32 setting is read without raising whichever
+of PyTorch's two APIs the user (or a library) set it with. Bad input raises before any kernel;
+an empty batch's gradients are PyTorch's."""
 
 import os
 import subprocess
@@ -123,3 +124,42 @@ def test_tf32_setting_is_read_through_either_api(setting, expected):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == str(expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(shortcut_input=torch.randn(2, 32, 6, 6)), "output is 3x3, conv3's 4x4"),
+    (dict(shortcut_input=torch.randn(3, 32, 8, 8)), "batch 3 != 2"),
+    (dict(shortcut_weight=torch.randn(20, 32, 1, 1)), "20 output channels"),
+    (dict(shortcut_weight=torch.randn(24, 16, 1, 1)), "expects 16 input channels"),
+    (dict(input=torch.randn(2, 16, 0, 0), shortcut_input=torch.randn(2, 32, 0, 0)),
+     "smaller than its kernel"),
+])
+def test_dual_epilogue_rejects_a_mismatched_shortcut(change, message):
+    """A shortcut that does not produce conv3's grid and channels raises before any kernel
+    runs (the fused GEMM would read past the shortcut input), on every path."""
+    args = dict(input=torch.randn(2, 16, 4, 4), weight=torch.randn(24, 16, 1, 1),
+                shortcut_input=torch.randn(2, 32, 8, 8),
+                shortcut_weight=torch.randn(24, 32, 1, 1))
+    args.update(change)
+    for path in ("library", "triton"):
+        if path == "triton" and backend.why_not("triton", "cpu") is not None:
+            continue
+        with conv_ops.use_path(path), pytest.raises(ValueError, match=message):
+            ops.conv2d_dual_epilogue(args["input"], args["weight"], [1, 1], [0, 0],
+                                     args["shortcut_input"], args["shortcut_weight"], 2,
+                                     torch.zeros(24), True)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+def test_empty_batch_gradients_are_pytorchs(backend_name):
+    """N = 0 in training: empty input gradients, and BN weight/bias gradients of exactly 0
+    (the batch statistics are NaN: 0 * rsqrt(NaN) must not leak into the weight gradient)."""
+    z = torch.randn(0, 6, 4, 4, requires_grad=True)
+    weight = torch.rand(6, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    with backend.use(backend_name):
+        out = ops.bn_add_relu(z, None, weight, bias, None, None, True, 1e-5, True, True, None,
+                              None)[0]
+        out.sum().backward()
+    assert out.shape == z.shape and z.grad.shape == z.shape
+    assert torch.equal(weight.grad, torch.zeros(6)) and torch.equal(bias.grad, torch.zeros(6))

@@ -100,9 +100,11 @@ FR_HD BackwardCoefficients bn_backward_coefficients(float sum_dz, float sum_dz_x
   BackwardCoefficients r;
   r.k = weight * invstd;
   const float inv_count = 1.f / static_cast<float>(count);
-  r.b = training ? -r.k * invstd * invstd * sum_dz_xmu * inv_count : 0.f;
-  r.c = training ? -r.k * sum_dz * inv_count : 0.f;
-  r.grad_weight = sum_dz_xmu * invstd;
+  // An empty batch (count 0) has NaN statistics: PyTorch's weight gradient is 0, not 0*NaN.
+  const bool batch = training && count > 0;
+  r.b = batch ? -r.k * invstd * invstd * sum_dz_xmu * inv_count : 0.f;
+  r.c = batch ? -r.k * sum_dz * inv_count : 0.f;
+  r.grad_weight = count > 0 ? sum_dz_xmu * invstd : 0.f;
   r.grad_bias = sum_dz;
   return r;
 }

@@ -426,6 +426,8 @@ def _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
                         f"has {sc}")
     if grid != (oh, ow):
         problems.append(f"the shortcut's output is {grid[0]}x{grid[1]}, conv3's {oh}x{ow}")
+    if min(oh, ow, *grid) < 1:  # as F.conv2d: a kernel larger than its (padded) input
+        problems.append("an input is smaller than its kernel")
     for name, t in (("shortcut_input", shortcut_input), ("shortcut_weight", shortcut_weight)):
         if t.device != input.device:
             problems.append(f"{name} is on {t.device}, input on {input.device}")

@@ -322,6 +322,17 @@ def known_library_conv_failure(x, w, conv_args) -> Optional[str]:
     return None
 
 
+TORCH_CPU_BF16_CONV_BACKWARD = (
+    "PyTorch's own CPU bfloat16 conv backward (aten.convolution_backward, which every conv op's "
+    "backward calls) returns garbage weight gradients for some geometries (e.g. N=2, "
+    "C_in=C_out=11, 1x1 input, 3x3 kernel, stride 2, padding 1: normwise error ~1e28, "
+    "different on every call)")
+
+
+def known_bf16_backward_failure(dtype, grads) -> Optional[str]:
+    return TORCH_CPU_BF16_CONV_BACKWARD if grads and dtype == torch.bfloat16 else None
+
+
 def _skip_known(reason):
     if reason is not None:
         note(f"known failure, rejected: {reason}")
@@ -429,6 +440,12 @@ def bn_compare_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, rel
         x64, g64, mean64, var64, _d(snapshot.weight), _d(snapshot.bias), snapshot.eps, training)
     if residual is not None:
         forward_terms += r64.abs().max().item()
+    # grad weight = sum(dz*(x - mean))*invstd: the fp32 mean's ulp moves it by
+    # invstd*|mean|*sum|dz| (as dx above), plus the sum's own rounding
+    count = x64.numel() // x64.shape[1]
+    weight_terms = ((g64.abs() * ((x64 - mean64.view(1, -1, 1, 1)).abs()
+                                  + mean64.abs().view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
+                    / torch.sqrt(var64 + snapshot.eps)).max().item() * math.sqrt(count)
     first = _compare("output", out, out_64, out_t, terms=forward_terms)
     results = [first]
     if relu:
@@ -438,8 +455,8 @@ def bn_compare_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, rel
     for name, got, ref64, ref_t, ref64_t in zip(names, grads, grads_64, grads_t, grads_64_t):
         assert got.dtype == ref_t.dtype, f"{name} is {got.dtype}, PyTorch's is {ref_t.dtype}"
         assert got.shape == ref_t.shape
-        results.append(_compare(name, got, ref64, ref_t, ref64_t,
-                                terms=backward_terms if name == "grad input" else 0.0))
+        terms = {"grad input": backward_terms, "grad weight": weight_terms}.get(name, 0.0)
+        results.append(_compare(name, got, ref64, ref_t, ref64_t, terms=terms))
     return results
 
 
@@ -809,6 +826,7 @@ def _epilogue_reference(x, w, scale, bias, residual, relu, conv_args, dtype):
 
 def prop_conv2d_epilogue(case: EpilogueCase):
     geo = case.geometry
+    _skip_known(known_bf16_backward_failure(case.dtype, case.grads))
     _skip_known(known_conv_failure(case.backend, case.path, geo, case.dtype))
     conv_args = geo.args()
     x = make_tensor(geo.input_shape, case.dtype, case.x_layout, case.dist, case.seed)
@@ -997,6 +1015,7 @@ def _check_stats(mean, var, z64, z_same, z_allowed, count, what):
 
 def prop_conv2d_bn_stats(case: StatsCase):
     geo = case.geometry
+    _skip_known(known_bf16_backward_failure(case.dtype, case.grads))
     _skip_known(known_conv_failure(case.backend, case.path, geo, case.dtype))
     conv_args = geo.args()
     x = make_tensor(geo.input_shape, case.dtype, case.x_layout, case.dist, case.seed)
@@ -1068,6 +1087,7 @@ def _bn_relu_conv_reference(z, bn_w, bn_b, w, eps, conv_args, keep=None):
 
 def prop_bn_relu_conv(case: BNReluConvCase):
     geo = case.geometry
+    _skip_known(known_bf16_backward_failure(case.dtype, case.grads))
     _skip_known(known_conv_failure(case.backend, case.path, geo, case.dtype))
     conv_args = geo.args()
     z = make_tensor(geo.input_shape, case.dtype, case.x_layout, case.dist, case.seed)
@@ -1103,6 +1123,14 @@ def prop_bn_relu_conv(case: BNReluConvCase):
                                             *conv_args)
     forward_terms, backward_terms = _bn_terms(z64, grad_a_mag, mean64, var64, _d(bn_w),
                                               _d(bn_b), case.eps, True)
+    # grad bn bias / weight: per-channel sums of the activation's gradient (rounded to the
+    # input dtype by the conv backward) times 1 / xhat: a sum bound in units of that dtype
+    units = torch.finfo(case.dtype).eps / torch.finfo(torch.float32).eps + \
+        math.sqrt(z64.numel() // z64.shape[1])
+    xhat = ((z64 - mean64.view(1, -1, 1, 1)) / torch.sqrt(var64 + case.eps).view(1, -1, 1, 1))
+    param_terms = {"bn bias": grad_a_mag.sum(dim=(0, 2, 3)).max().item() * units,
+                   "bn weight": (grad_a_mag * xhat.abs()).sum(dim=(0, 2, 3)).max().item() * units,
+                   "z": backward_terms}
     first = _compare("out", out.detach(), out64, out_t.detach(), terms=forward_terms * gain)
     _check(first)
     count = geo.n * geo.out_hw[0] * geo.out_hw[1]
@@ -1128,7 +1156,7 @@ def prop_bn_relu_conv(case: BNReluConvCase):
     for name, got, want, same, want_t in zip(names, grads, ref64, grads_t, ref64_t):
         assert got.dtype == same.dtype and got.shape == same.shape, (name, got.dtype, same.dtype)
         _check(_compare(f"grad {name}", got, want, same, want_t,
-                        terms=backward_terms if name == "z" else 0.0))
+                        terms=param_terms.get(name, 0.0)))
 
 
 test_bn_relu_conv2d_bn_stats_matches_pytorch, test_bn_relu_conv2d_bn_stats_matches_pytorch_slow = \
@@ -1382,3 +1410,23 @@ def test_regression_library_conv_half_dilated_channels_last_crash():
             "None, None, None, False)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
     assert result.returncode == 0, f"exit status {result.returncode}"
+
+
+# Not strict: the garbage is uninitialised memory, so on some runs the values happen to be right
+@pytest.mark.xfail(strict=False, reason=TORCH_CPU_BF16_CONV_BACKWARD)
+def test_regression_conv_bfloat16_cpu_weight_gradient():
+    """Minimal case hypothesis found (conv2d_bn_stats, library path, bf16, gradients): the
+    weight gradient, computed by aten.convolution_backward in bf16, is garbage."""
+    backend_name = CPU_BACKENDS[0]
+    from fused_resnet.verify import normwise_error
+    geometry = ConvGeometry(2, 11, 11, 1, 1, (3, 3), (2, 2), (1, 1), (1, 1), 1)
+    x = make_tensor(geometry.input_shape, torch.bfloat16, "nchw", "offset", 67)
+    w = _conv_weight(geometry, torch.bfloat16, 67).requires_grad_()
+    grad_z = make_tensor(geometry.out_shape, torch.bfloat16, "nchw", "normal", 69)
+    with _conv_context(backend_name, "library"):
+        z, _, _ = ops.conv2d_bn_stats(x, w, *geometry.args())
+        got = torch.autograd.grad(z, w, grad_z)[0]
+    w64 = w.detach().double().requires_grad_()
+    want = torch.autograd.grad(F.conv2d(x.double(), w64, None, *geometry.args()), w64,
+                               grad_z.double())[0]
+    assert normwise_error(got, want) < 3e-2  # bf16 rounding: ~4e-3

@@ -211,11 +211,14 @@ def _dot_precision(dtype, allow_tf32: bool) -> str:
 
 
 def _pad_channels(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """`t` with dimension `dim` zero-padded to `size` (the same tensor if already that size)."""
+    """`t` with dimension `dim` zero-padded to `size` (the same tensor if already that size).
+    The padded copy is dense in t's dimension order: F.pad keeps the stride order of its input,
+    and a packed weight with size-1 dimensions (C_out = 1) can have any strides there, which
+    would put the padded channels in the wrong place for the kernel's dense indexing."""
     if t.shape[dim] == size:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
-    return torch.nn.functional.pad(t, pad)
+    return torch.nn.functional.pad(t, pad).contiguous()
 
 
 def _aligned_channels(c: int) -> int:

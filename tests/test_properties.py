@@ -259,9 +259,10 @@ def _grads(out, leaves, grad_out):
 # properties reject (skip) exactly the examples that hit one, so they stay green and strict
 # everywhere else. Remove the entry (and the xfail marker) when the bug is fixed.
 BF16_INTERPRETER_DOT = (
-    "Triton conv in bfloat16 under TRITON_INTERPRET=1 returns garbage (~1e8-1e10): the "
+    "Triton conv in bfloat16 under TRITON_INTERPRET=1 would return garbage (~1e8-1e10): the "
     "interpreter's tl.dot multiplies the raw bf16 bit patterns (triton-lang/triton#11584, "
-    "unsupported upstream); the dispatcher still offers the Triton conv for bf16 there")
+    "unsupported upstream); the dispatcher refuses it there (the library conv runs; a path "
+    "forced by name raises)")
 
 
 def _triton_conv_runs(backend_name, path, geometry):
@@ -275,19 +276,11 @@ def _triton_conv_runs(backend_name, path, geometry):
         geometry.padding[0] == geometry.padding[1]
 
 
-TRITON_CONV_1XK = (
-    "Triton conv with a 1xK kernel (kernel height 1, width K > 1) uses only the first tap: "
-    "x = [[[[1, 2, 3]]]], w = [[[[1, 10, 100]]]] (fp32) gives 1 instead of 321 (3x1, 2x3, "
-    "3x3 kernels are right)")
-
-
 def known_conv_failure(backend_name, path, geometry, dtype) -> Optional[str]:
     if not _triton_conv_runs(backend_name, path, geometry):
         return None
-    if dtype == torch.bfloat16 and backend.triton_interpreted():
-        return BF16_INTERPRETER_DOT
-    if geometry.kernel[0] == 1 and geometry.kernel[1] > 1:
-        return TRITON_CONV_1XK
+    if dtype == torch.bfloat16 and backend.triton_interpreted() and path == "triton":
+        return BF16_INTERPRETER_DOT  # forced by name: refused with an error (tested below)
     return None
 
 
@@ -1311,21 +1304,22 @@ _BF16_CONV_WAYS = [pytest.param("triton", None, id="backend-triton"),
 
 @pytest.mark.skipif(not (TRITON_ON_CPU and backend.triton_interpreted()),
                     reason="the Triton interpreter runs here only with TRITON_INTERPRET=1")
-@pytest.mark.xfail(strict=True, reason=BF16_INTERPRETER_DOT)
 @pytest.mark.parametrize("backend_name, path", _BF16_CONV_WAYS)
 @pytest.mark.parametrize("op", ["conv2d_epilogue", "conv2d_dual_epilogue", "conv2d_bn_stats",
                                 "bn_relu_conv2d_bn_stats"])
 def test_regression_triton_conv_bfloat16_interpreter(op, backend_name, path):
-    """Minimal case: a 1x1 conv of one pixel, one channel, x = 0.5, w = 2 in bfloat16: the
-    Triton conv returns ~2.6e8 instead of 1 (dual: x*w + x*w = 2; bn_relu_conv: z = [0, 1]
-    normalises to [-1, 1], ReLU [0, 1], times 2: [0, 2])."""
+    """Regression (found by hypothesis, fixed): a 1x1 conv of one pixel, one channel, x = 0.5,
+    w = 2 in bfloat16 gave ~2.6e8 instead of 1 through the interpreted Triton conv (dual:
+    x*w + x*w = 2; bn_relu_conv: z = [0, 1] normalises to [-1, 1], ReLU [0, 1], times 2:
+    [0, 2]). Now the triton backend runs the library conv there, and forcing the Triton conv
+    by name raises an error that says why."""
     bf16 = torch.bfloat16
     x = torch.tensor([[[[0.5]]]], dtype=bf16)
     w = torch.tensor([[[[2.0]]]], dtype=bf16)
-    geometry = ConvGeometry(1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), 1)
-    assert known_conv_failure(backend_name, path, geometry, bf16) == BF16_INTERPRETER_DOT
     conv = ([1, 1], [0, 0], [1, 1], 1)
-    with _conv_context(backend_name, path):
+    refused = pytest.raises(RuntimeError, match="bfloat16 under Triton's CPU interpreter") \
+        if path == "triton" else contextlib.nullcontext()
+    with _conv_context(backend_name, path), refused:
         if op == "conv2d_epilogue":
             got = ops.conv2d_epilogue(x, w, *conv, None, None, None, False)
             want = torch.ones(1, 1, 1, 1, dtype=bf16)
@@ -1340,7 +1334,8 @@ def test_regression_triton_conv_bfloat16_interpreter(op, backend_name, path):
             got = ops.bn_relu_conv2d_bn_stats(z, None, None, torch.tensor([0.5]),
                                               torch.tensor([0.25]), 0.0, w, *conv)[0]
             want = torch.tensor([0.0, 2.0], dtype=bf16).view(2, 1, 1, 1)
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    if path != "triton":
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.xfail(strict=True, reason=TORCH_CPU_BF16_CONV)
@@ -1360,18 +1355,18 @@ def test_regression_library_conv_bfloat16_cpu(backend_name):
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the Triton backend does not run on the CPU here")
-@pytest.mark.xfail(strict=True, reason=TRITON_CONV_1XK)
 @pytest.mark.parametrize("backend_name, path", _BF16_CONV_WAYS)
 @pytest.mark.parametrize("op", ["conv2d_epilogue", "conv2d_dual_epilogue", "conv2d_bn_stats",
                                 "bn_relu_conv2d_bn_stats"])
 def test_regression_triton_conv_1xk_kernel(op, backend_name, path):
-    """Minimal case: a 1x3 kernel over a 1x3 input, one channel, fp32: x = [1, 2, 3],
-    w = [1, 10, 100] gives x[0]*w[0] = 1 instead of 321 (dual: plus the 1x1 shortcut x[0]*1 at
-    the one output pixel; bn_relu_conv: z = [0, 1, 2] -> relu(bn) = [0, 0, 1.2247] -> 122.47)."""
+    """Regression (found by hypothesis, fixed): a 1x3 kernel over a 1x3 input, one channel in
+    and out, fp32: x = [1, 2, 3], w = [1, 10, 100] gave x[0]*w[0] = 1 instead of 321 (the
+    packed weight's size-1 dimensions had free strides, and padding its 1 input channel to 8
+    kept them: the taps landed where the kernel reads channels). Dual: plus the 1x1 shortcut
+    x[0]*1 at the one output pixel; bn_relu_conv: z = [0, 1, 2] -> relu(bn) = [0, 0, 1.2247]
+    -> 122.47."""
     x = torch.tensor([[[[1.0, 2.0, 3.0]]]])
     w = torch.tensor([[[[1.0, 10.0, 100.0]]]])
-    geometry = ConvGeometry(1, 1, 1, 1, 3, (1, 3), (1, 1), (0, 0), (1, 1), 1)
-    assert known_conv_failure(backend_name, path, geometry, torch.float32) == TRITON_CONV_1XK
     conv = ([1, 1], [0, 0], [1, 1], 1)
     with _conv_context(backend_name, path):
         if op == "conv2d_epilogue":

@@ -53,6 +53,9 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
         return f"dtype {input.dtype}"
     if weight.dtype != input.dtype:
         return "weight dtype differs from input dtype"
+    if input.dtype == torch.bfloat16 and input.device.type == "cpu":
+        return ("bfloat16 under Triton's CPU interpreter (its tl.dot multiplies the raw bf16 "
+                "bits: triton-lang/triton#11584)")
     n, _, oh, ow = _conv_out_shape(input, weight, stride, padding, dilation)
     if not _conv_kernels().fits_pixel_index(*_pixels(input)) or \
             not _conv_kernels().fits_pixel_index(n, oh * ow):

@@ -56,6 +56,20 @@ def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def agreement_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """normwise_error over the finite elements, and inf unless NaN and +-inf sit in the same
+    places: two implementations of one op must carry the input's NaN and overflow alike (a NaN
+    in the data is no reason to distrust a kernel; a NaN where the other has a number is)."""
+    got, ref = got.double(), ref.double()
+    finite = torch.isfinite(ref)
+    same_special = torch.equal(torch.isnan(got), torch.isnan(ref)) and \
+        torch.equal(got[torch.isinf(ref)], ref[torch.isinf(ref)]) and \
+        bool(torch.isfinite(got[finite]).all())
+    if not same_special:
+        return float("inf")
+    return normwise_error(got[finite], ref[finite])
+
+
 def make_bn(channels, *, affine=True, track_running_stats=True, momentum=0.1, device="cpu"):
     """An nn.BatchNorm2d with non-trivial parameters and running statistics."""
     bn = torch.nn.BatchNorm2d(channels, affine=affine, track_running_stats=track_running_stats,

@@ -388,6 +388,11 @@ def test_measured_choice_leaves_out_a_disagreeing_candidate():
     candidates["cutlass"] = lambda: (reference * float("nan"), reference.mean())
     with pytest.warns(RuntimeWarning, match="cutlass"):
         assert "cutlass" not in conv_ops.agreeing("bn_stats", "key-b", candidates)
+    # NaN in the data (both paths carry it to the same places) is no reason to distrust one
+    with_nan = reference.clone()
+    with_nan[0, 0, 0, 0] = float("nan")
+    nan_candidates = {"library": lambda: with_nan, "triton": lambda: with_nan * (1 + 1e-3)}
+    assert "triton" in conv_ops.agreeing("epilogue", "key-nan", nan_candidates)
 
     def broken():
         raise RuntimeError("out of shared memory")

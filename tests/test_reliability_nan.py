@@ -163,3 +163,24 @@ def test_empty_batch_gradients_are_pytorchs(backend_name):
         out.sum().backward()
     assert out.shape == z.shape and z.grad.shape == z.shape
     assert torch.equal(weight.grad, torch.zeros(6)) and torch.equal(bias.grad, torch.zeros(6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("path", ["library", "triton", "cutlass"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_conv_paths_keep_nan(path, dtype):
+    """On the GPU, every conv path (CUTLASS's epilogue ReLU included) keeps NaN."""
+    x = _with_nan(torch.randn(4, 64, 14, 14, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last))
+    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).to(dtype)
+    bias = torch.randn(64, device="cuda")
+    residual = torch.randn(4, 64, 14, 14, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    why = conv_ops.why_path_cannot_run(path, x, w, [1, 1], [1, 1], [1, 1], 1)
+    if why is not None:
+        pytest.skip(why)
+    want = torch.relu(F.conv2d(x.float(), w.float(), bias, 1, 1) + residual.float())
+    with conv_ops.use_path(path):
+        got = ops.conv2d_epilogue(x, w, [1, 1], [1, 1], [1, 1], 1, None, bias, residual, True)
+    _assert_same_nans(got.float(), want)

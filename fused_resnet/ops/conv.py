@@ -230,7 +230,7 @@ def agreeing(op: str, key, candidates: dict) -> dict:
     run once before the timing): a kernel that never ran on this GPU before must not win the
     measurement by being fast and wrong. A disagreeing one (or one that fails) is left out for
     this shape, with a warning that names it; every verdict is remembered for `key`."""
-    from fused_resnet.verify import normwise_error  # verify imports the ops: not at load
+    from fused_resnet.verify import agreement_error  # verify imports the ops: not at load
 
     if "library" not in candidates:
         return candidates
@@ -247,8 +247,8 @@ def agreeing(op: str, key, candidates: dict) -> dict:
                           stacklevel=2)
             _agreed[(key, name)] = False
             continue
-        worst = max(normwise_error(a, b) for a, b in zip(got, reference))
-        _agreed[(key, name)] = worst <= AGREEMENT  # NaN compares False: left out too
+        worst = max(agreement_error(a, b) for a, b in zip(got, reference))
+        _agreed[(key, name)] = worst <= AGREEMENT
         if _agreed[(key, name)]:
             kept[name] = fn
         else:

@@ -126,22 +126,31 @@ def forward_backward(step, bn, x, residual, grad_out, relu=True):
     return out.detach(), grads
 
 
-def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
-    """One training or eval step of the three BatchNorms on the same values; the comparisons
-    of output, ReLU decisions and every gradient.
+class StepRuns(NamedTuple):
+    """One step of the three BatchNorms (see compare_step): outputs and gradients of the fused
+    step, of PyTorch in the same dtype and in float64, and the float64 gradients given each
+    one's own ReLU decisions."""
+    snapshot: torch.nn.Module  # the float64 BatchNorm as it was before the step
+    out: torch.Tensor
+    grads: tuple
+    out_t: torch.Tensor
+    grads_t: tuple
+    out_64: torch.Tensor
+    grads_64: tuple
+    grads_64_t: tuple
+    pre_64: Optional[torch.Tensor]  # the float64 pre-activation (with ReLU)
 
-    Where the exact pre-activation is within rounding of zero, the ReLU's decision may go
-    either way in low precision (PyTorch's own does), and a gradient there is g or 0. So each
-    implementation's gradients are compared with the float64 gradients *given its own ReLU
-    decisions*, and those decisions are checked separately: they must match float64's wherever
-    the pre-activation is farther from zero than the forward tolerance."""
+
+def run_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True) -> StepRuns:
+    """The runs compare_step compares; `fused` is the fused step (e.g. fused_step)."""
     snapshot = copy.deepcopy(bn_64)  # state before this step, for the masked references
     x64 = x.double()
     r64 = residual.double() if residual is not None else None
     g64 = grad_out.double()
-    out, grads = forward_backward(fused_step, bn_fused, x, residual, grad_out, relu)
+    out, grads = forward_backward(fused, bn_fused, x, residual, grad_out, relu)
     out_t, grads_t = forward_backward(pytorch_step, bn_torch, x, residual, grad_out, relu)
     out_64, _ = forward_backward(pytorch_step, bn_64, x64, r64, g64, relu)
+    pre_64 = None
     if relu:
         pre_64 = pytorch_step(copy.deepcopy(snapshot), x64, r64, relu=False).detach()
         _, grads_64 = forward_backward(masked_step(out > 0), copy.deepcopy(snapshot), x64, r64,
@@ -152,6 +161,22 @@ def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
         _, grads_64 = forward_backward(pytorch_step, copy.deepcopy(snapshot), x64, r64, g64,
                                        relu)
         grads_64_t = grads_64
+    return StepRuns(snapshot, out, grads, out_t, grads_t, out_64, grads_64, grads_64_t, pre_64)
+
+
+def compare_step(bn_fused, bn_torch, bn_64, x, residual, grad_out, relu=True):
+    """One training or eval step of the three BatchNorms on the same values; the comparisons
+    of output, ReLU decisions and every gradient.
+
+    Where the exact pre-activation is within rounding of zero, the ReLU's decision may go
+    either way in low precision (PyTorch's own does), and a gradient there is g or 0. So each
+    implementation's gradients are compared with the float64 gradients *given its own ReLU
+    decisions*, and those decisions are checked separately: they must match float64's wherever
+    the pre-activation is farther from zero than the forward tolerance."""
+    runs = run_step(fused_step, bn_fused, bn_torch, bn_64, x, residual, grad_out, relu)
+    out, grads, out_t, grads_t, out_64 = runs.out, runs.grads, runs.out_t, runs.grads_t, \
+        runs.out_64
+    grads_64, grads_64_t, pre_64 = runs.grads_64, runs.grads_64_t, runs.pre_64
     if out.dtype != x.dtype or out.shape != x.shape:
         raise AssertionError(f"output is {out.dtype} {tuple(out.shape)}, input {x.dtype} "
                              f"{tuple(x.shape)}")

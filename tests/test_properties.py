@@ -50,8 +50,8 @@ import fused_resnet as fr
 from fused_resnet import backend, layout, reference
 from fused_resnet.ops import bn_relu_conv as bn_relu_conv_ops
 from fused_resnet.ops import conv as conv_ops
-from fused_resnet.verify import (ROUNDING_UNITS, Comparison, compare, make_bn, masked_step,
-                                 pytorch_step)
+from fused_resnet.verify import (ROUNDING_UNITS, Comparison, compare, make_bn, pytorch_step,
+                                 run_step)
 
 ops = torch.ops.fused_resnet
 
@@ -396,32 +396,15 @@ def _fused_bn_step(given_stats):
     return step
 
 
-def _forward_backward(step, bn, x, residual, grad_out, relu):
-    x = x.detach().requires_grad_()
-    residual = residual.detach().requires_grad_() if residual is not None else None
-    out = step(bn, x, residual, relu)
-    wrt = [t for t in (x, residual, bn.weight, bn.bias) if t is not None]
-    return out.detach(), torch.autograd.grad(out, wrt, grad_out)
-
-
 def bn_compare_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, relu):
     """verify.compare_step with the fused step given (it may pass batch statistics)."""
-    snapshot = copy.deepcopy(bn_64)
+    runs = run_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, relu)
+    snapshot, out, grads, out_t, grads_t = runs.snapshot, runs.out, runs.grads, runs.out_t, \
+        runs.grads_t
+    out_64, grads_64, grads_64_t, pre_64 = runs.out_64, runs.grads_64, runs.grads_64_t, \
+        runs.pre_64
     x64, g64 = x.double(), grad_out.double()
     r64 = residual.double() if residual is not None else None
-    out, grads = _forward_backward(fused, bn_fused, x, residual, grad_out, relu)
-    out_t, grads_t = _forward_backward(pytorch_step, bn_torch, x, residual, grad_out, relu)
-    out_64, _ = _forward_backward(pytorch_step, bn_64, x64, r64, g64, relu)
-    if relu:
-        pre_64 = pytorch_step(copy.deepcopy(snapshot), x64, r64, relu=False).detach()
-        _, grads_64 = _forward_backward(masked_step(out > 0), copy.deepcopy(snapshot), x64, r64,
-                                        g64, True)
-        _, grads_64_t = _forward_backward(masked_step(out_t > 0), copy.deepcopy(snapshot), x64,
-                                          r64, g64, True)
-    else:
-        _, grads_64 = _forward_backward(pytorch_step, copy.deepcopy(snapshot), x64, r64, g64,
-                                        False)
-        grads_64_t = grads_64
     assert out.dtype == x.dtype and out.shape == x.shape, (out.dtype, out.shape)
     _check_layout(out, x, "output")
     training = snapshot.training or snapshot.running_mean is None
@@ -648,7 +631,7 @@ def prop_pieces(case: PieceCase):
         else:
             assert mask.numel() == 0, f"a mask of {mask.numel()} bytes was written"
         return
-    grad, mask, x_ = args[0], args[1], args[2]
+    grad, mask = args[0], args[1]
     if case.piece == "bn_add_relu_grad_reduce":
         want = piece_ref(*args)
         _, _, _, mean, var, weight, eps, relu, training = args

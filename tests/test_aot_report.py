@@ -103,7 +103,7 @@ def test_cuda_kernels_are_compiled(report):
             assert (kernel, dtype) in cuda, (kernel, dtype)
 
 
-def test_stats_merge_compiles_for_a_single_element_per_channel():
+def test_stats_merge_compiles_for_a_single_element_per_channel(tmp_path):
     """An int argument equal to 1 is compiled in as a constant unless the kernel says not to:
     the merge kernel with per_channel == 1 (N=1, 1x1 output) must still compile (it did not:
     per_channel.to(...) on a constant)."""
@@ -118,8 +118,9 @@ def test_stats_merge_compiles_for_a_single_element_per_channel():
         "assert triton_build.compile_spec(spec, 90)['spill_stores'] == 0\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # not from the repository root: `python -c` would import its unbuilt source tree
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=600, cwd=tmp_path)
     assert run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 

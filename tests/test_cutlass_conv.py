@@ -473,7 +473,7 @@ def test_misaligned_operands_are_copied_not_launched():
     if not _cutlass_ready():
         pytest.skip("built without the CUTLASS kernels")
     run = subprocess.run([sys.executable, "-c", _MISALIGNED_SCRIPT], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, cwd=os.path.expanduser("~"))  # installed package
     assert run.returncode == 0 and "aligned: ok" in run.stdout, run.stderr[-4000:]
 
 

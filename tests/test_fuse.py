@@ -4,6 +4,7 @@ gradients of every parameter and running statistics vs the unfused model with th
 state_dict compatibility both ways, idempotence, filter_fn, unfuse_."""
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -245,7 +246,7 @@ def test_fuse_never_imports_timm():
     """timm is optional: fusing a torchvision model does not import it."""
     code = ("import sys, torchvision, fused_resnet as fr; "
             "fr.fuse_(torchvision.models.resnet18()); assert 'timm' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.expanduser("~"))
 
 
 @pytest.mark.parametrize("kwargs", [dict(zero_init_residual=True),

@@ -1386,7 +1386,8 @@ def test_regression_library_conv_half_dilated_channels_last_crash():
             "    for _ in range(3):\n"
             "        torch.ops.fused_resnet.conv2d_epilogue(x, w, [3, 3], [2, 2], [2, 2], 1, "
             "None, None, None, False)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
+                            cwd=os.path.expanduser("~"))  # the installed package, not the tree
     assert result.returncode == 0, f"exit status {result.returncode}"
 
 

@@ -121,7 +121,8 @@ def test_tf32_setting_is_read_through_either_api(setting, expected):
         pytest.skip("this torch has only the legacy TF32 flags")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", TF32_SCRIPT.format(setting=setting)],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.expanduser("~"))  # the installed package, not the tree
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == str(expected)
 

@@ -207,6 +207,33 @@ def test_reduction_gate_takes_the_family():
     assert not any(gates.failures(fp32, SM90).values())
 
 
+def test_tensor_core_conv_without_wgmma_fails_whatever_its_dtype():
+    """A conv whose element type could not be read (e.g. a symbol no tool demangles) is still
+    held to the wgmma gate on sm_90; on sm_80 mma.sync is the right instruction."""
+    row = _row(source="cuda", kernel="Kernel<ImplicitGemmConvolution>", dtype="", wgmma=0,
+               mma_sync=64)
+    assert gates.failures([row], SM90)["16-bit conv without wgmma"]
+    assert not any(gates.failures([row], 80).values())
+
+
+def test_cuda_symbol_names():
+    """Family names and element types of CUDA kernels, from symbols c++filt can and cannot
+    demangle (CUTLASS's are too long for binutils' c++filt)."""
+    from fused_resnet.aot import cuda_build
+    from fused_resnet.aot.report import short_cuda_name
+
+    spelled = cuda_build._spelled("_ZN7cutlass6KernelINS_4conv6kernel40ImplicitGemmConvolution"
+                                  "WithFusedEpilogueINS_10bfloat16_tEEEEvNT_6ParamsE")
+    assert short_cuda_name(spelled) == "Kernel<ImplicitGemmConvolutionWithFusedEpilogue>"
+    assert cuda_build.element_type(spelled) == "bf16"
+    assert cuda_build.element_type("void k<cutlass::half_t, float>(float*)") == "fp16"
+    assert cuda_build.element_type("void k<float>(float*)") == "fp32"
+    assert cuda_build.element_type("void k<int>(int*)") == ""
+    demangled = cuda_build.demangle(["_ZN12fused_resnet4cuda12apply_kernelI6__halfLb1EEEvPKT_"])
+    assert short_cuda_name(demangled[0]) == "apply_kernel"
+    assert cuda_build.element_type(demangled[0]) == "fp16"
+
+
 def test_roles():
     assert gates.role("triton", "fused_resnet.kernels.conv", "_conv_kernel") == "conv"
     assert gates.role("triton", "fused_resnet.kernels.bn_act", "_stats_partial_kernel") == \

@@ -37,19 +37,50 @@ def sources(csrc: str, cutlass_include: Optional[str]) -> List[str]:
 
 
 def demangle(names: List[str]) -> List[str]:
-    tool = shutil.which("c++filt")
-    if not tool or not names:
+    """Readable C++ names. llvm-cxxfilt first: binutils' c++filt gives up on the very long
+    symbols of CUTLASS kernels (and returns them unchanged); a name no tool demangles is
+    spelled from its source-name parts (see _spelled)."""
+    if not names:
         return names
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
-    lines = out.stdout.splitlines()
-    return lines if len(lines) == len(names) else names
+    for tool in ("llvm-cxxfilt", "c++filt"):
+        path = shutil.which(tool)
+        if path is None:
+            continue
+        out = subprocess.run([path], input="\n".join(names), capture_output=True, text=True)
+        lines = out.stdout.splitlines()
+        if len(lines) == len(names):
+            return [line if not line.startswith("_Z") else _spelled(line) for line in lines]
+    return [_spelled(name) for name in names]
+
+
+def _spelled(mangled: str) -> str:
+    """A readable stand-in for an Itanium-mangled name from its identifiers (each written
+    <length><identifier>): enough to read its family and element type."""
+    parts, i = [], 0
+    while i < len(mangled):
+        digits = re.match(r"\d+", mangled[i:])
+        if not digits:
+            i += 1
+            continue
+        n, start = int(digits.group(0)), i + len(digits.group(0))
+        word = mangled[start:start + n]
+        if len(word) == n and re.fullmatch(r"[A-Za-z_]\w*", word):
+            parts.append(word)
+            i = start + n
+        else:
+            i = start
+    if len(parts) < 2:
+        return mangled
+    # the function, then its template's type-like names (namespaces are lower-case words)
+    types = [p for p in parts[2:] if p[0].isupper() or p.endswith("_t") or p.startswith("__")]
+    return f"{parts[0]}::{parts[1]}<{', '.join(types)}>(...)"
 
 
 def element_type(demangled: str) -> str:
     """fp16 / bf16 / fp32 from a kernel's template arguments ("" if none is named)."""
     for token, name in (("__nv_bfloat16", "bf16"), ("bfloat16_t", "bf16"), ("__half", "fp16"),
                         ("half_t", "fp16"), ("float", "fp32")):
-        if re.search(rf"\b{token}\b", demangled):
+        if re.search(rf"(?<![A-Za-z0-9]){token}(?![A-Za-z0-9_])", demangled):
             return name
     return ""
 

@@ -9,8 +9,8 @@
 - conv scalar loads: no conv kernel has a scalar 16-bit global load (its activation, weight,
   residual tiles must be 16-byte vectors or cp.async copies: every ResNet layer's channel count
   is a multiple of 8, the stem's is padded to 8);
-- conv wgmma: a 16-bit tensor-core conv for sm_90 issues wgmma (Hopper's warpgroup MMA; mma.sync
-  alone runs at a fraction of its rate);
+- conv wgmma: a tensor-core conv for sm_90 issues wgmma (Hopper's warpgroup MMA; mma.sync
+  alone runs at a fraction of its rate), and a 16-bit conv uses the tensor cores at all;
 - BN reduction vectors: every 16-bit BatchNorm reduction kernel family (kernel x dtype, and
   layout where the layout is compiled in) has a
   16-byte vector-load path (at least one of its variants loads 16 bytes at a time: the aligned
@@ -42,7 +42,8 @@ def role(source: str, module: str, kernel: str) -> str:
 
 
 def _label(row: dict) -> str:
-    return f"{row['source']} {row['kernel']} [{row['variant']}] {row['dtype']}"
+    variant = row["variant"] if len(row["variant"]) <= 160 else row["variant"][:157] + "..."
+    return f"{row['source']} {row['kernel']} [{variant}] {row['dtype'] or '?'}"
 
 
 def failures(rows: List[dict], capability: int) -> Dict[str, List[str]]:
@@ -66,14 +67,15 @@ def failures(rows: List[dict], capability: int) -> Dict[str, List[str]]:
         if (row.get("shared") or 0) > shared_limit(capability):
             failed["shared memory"].append(f"{_label(row)}: {row['shared']} B > "
                                            f"{shared_limit(capability)} B")
+        uses_tensor_cores = row["wgmma"] or row["mma_sync"]
+        if row["role"] == "conv" and capability >= 90 and uses_tensor_cores and \
+                not row["wgmma"]:  # whatever its element type (one not read is "?")
+            failed["16-bit conv without wgmma"].append(
+                f"{_label(row)}: {row['mma_sync']} mma.sync, no wgmma")
         if row["role"] == "conv" and row["dtype"] in SIXTEEN_BIT:
             if row["ld_global_scalar16"]:
                 failed["conv scalar 16-bit loads"].append(
                     f"{_label(row)}: {row['ld_global_scalar16']} scalar 16-bit loads")
-            uses_tensor_cores = row["wgmma"] or row["mma_sync"]
-            if capability >= 90 and uses_tensor_cores and not row["wgmma"]:
-                failed["16-bit conv without wgmma"].append(
-                    f"{_label(row)}: {row['mma_sync']} mma.sync, no wgmma")
             if not uses_tensor_cores:
                 failed["16-bit conv without wgmma"].append(
                     f"{_label(row)}: no tensor-core instruction at all")

@@ -85,3 +85,9 @@ def from_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if is_channels_last(like):
         return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
     return flat.reshape(n, c, h, w)
+
+
+def fits_int32_pixel_index(n: int, pixels: int) -> bool:
+    """Whether N*H*W pixels (pixels = H*W) stay below 2^31, with room for a tile past the end:
+    the Triton conv indexes pixels in int32 (element offsets in int64)."""
+    return n * pixels < 2**31 - 256

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_resnet import devices, tuning
+from fused_resnet import devices, layout, tuning
 from fused_resnet.kernels import bn_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). GPU: the launcher measures the configs
@@ -225,14 +225,9 @@ def _aligned_channels(c: int) -> int:
     return triton.cdiv(c, CHANNEL_ALIGN) * CHANNEL_ALIGN
 
 
-def fits_pixel_index(n: int, pixels: int) -> bool:
-    """The kernel's pixel indices are int32 (element offsets are int64): N*H*W of every tensor
-    it indexes by pixel must stay below 2^31 (with room for a tile past the end)."""
-    return n * pixels < 2**31 - 256
-
-
 def check_index_range(n: int, pixels: int, what: str) -> None:
-    if not fits_pixel_index(n, pixels):
+    """Every tensor the kernel indexes by pixel must fit its int32 pixel index."""
+    if not layout.fits_int32_pixel_index(n, pixels):
         raise ValueError(f"conv2d_nhwc: {n * pixels} {what} pixels exceed the kernel's int32 "
                          f"pixel index")
 

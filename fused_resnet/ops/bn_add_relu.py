@@ -36,11 +36,9 @@ def _run(piece: str, input: Tensor, *args):
     name = backend.choose(input.device, input.dtype)
     if name == "torch":
         return getattr(reference, piece)(*args)
-    kernel = getattr(torch.ops.fused_resnet, f"{piece}_{name}")
-    if input.is_cuda:
-        with torch.cuda.device(input.device):  # Triton launches on the current device
-            return kernel(*args)
-    return kernel(*args)
+    # Each kernel runs on its tensors' device itself (the C++ glue's CUDAGuard, the Triton
+    # launchers' devices.on_device)
+    return getattr(torch.ops.fused_resnet, f"{piece}_{name}")(*args)
 
 
 # ---- fake implementations: shapes, dtypes and strides only ----------------------------------

@@ -57,8 +57,8 @@ def triton_unsupported(input, weight, stride, padding, dilation, groups) -> Opti
         return ("bfloat16 under Triton's CPU interpreter (its tl.dot multiplies the raw bf16 "
                 "bits: triton-lang/triton#11584)")
     n, _, oh, ow = _conv_out_shape(input, weight, stride, padding, dilation)
-    if not _conv_kernels().fits_pixel_index(*_pixels(input)) or \
-            not _conv_kernels().fits_pixel_index(n, oh * ow):
+    if not layout.fits_int32_pixel_index(*_pixels(input)) or \
+            not layout.fits_int32_pixel_index(n, oh * ow):
         return "2^31 pixels or more (the kernel's pixel index is int32)"
     return None
 
@@ -168,12 +168,17 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
     disk (like cudnn.benchmark; see fused_resnet.tuning). On CUDA a path other than the library
     conv is used only once it agreed with the library conv on this process's input of this
     shape (see trusted)."""
+    if input.device.type != "cuda":  # nothing to measure or to check: the requested path
+        if _forced_path is not None:
+            return _forced(candidates, input, weight, stride, padding, dilation, groups)
+        return conv_path(input, weight, stride, padding, dilation, groups,
+                         cutlass="cutlass" in candidates)
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
     if _forced_path is not None:
         return trusted(op, key, _forced(candidates, input, weight, stride, padding, dilation,
                                         groups), candidates, input, forced=True)
-    if backend.requested() != "auto" or input.device.type != "cuda":
+    if backend.requested() != "auto":
         return trusted(op, key, conv_path(input, weight, stride, padding, dilation, groups,
                                           cutlass="cutlass" in candidates), candidates, input)
     choice = tuning.cached(key)
@@ -397,7 +402,7 @@ def _dual_plan(input, weight, stride, padding, shortcut_input, shortcut_weight, 
     if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
         return {"library": lambda: _dual_library(*args)}, conv
     candidates = {"library": lambda: _dual_library(*args)}
-    if _conv_kernels().fits_pixel_index(*_pixels(shortcut_input)):  # its second operand too
+    if layout.fits_int32_pixel_index(*_pixels(shortcut_input)):  # its second operand too
         candidates["triton"] = lambda: _dual_triton(*args)
     if cutlass_unsupported(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
                            [1, 1], 1) is None:

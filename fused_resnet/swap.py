@@ -13,6 +13,7 @@ from fused_resnet.models import PlainBlock
 from fused_resnet.modules import (FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem,
                                   StemBatchNorm)
 from fused_resnet.modules.blocks import FusedTimmBasicBlock, FusedTimmBottleneck, timm_resnet
+from fused_resnet.modules.stage import make_stage_, stage_of, unmake_stage_
 
 log = logging.getLogger("fused_resnet")
 
@@ -42,6 +43,9 @@ def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bo
     for fqn, module in list(model.named_modules()):
         _fuse_stem(module, fqn, filter_fn, report)
     _fuse_children(model, "", _fused_for(), filter_fn, report)
+    for module in model.modules():
+        if stage_of(module):  # its blocks may hand each other their outputs
+            make_stage_(module)
     setattr(model, REPORT_ATTRIBUTE, report)
     log.info("fused_resnet.fuse_: fused %d blocks, left %d: %s", len(report["fused"]),
              len(report["left"]), report["left"])
@@ -131,6 +135,7 @@ def _fuse_children(module: nn.Module, prefix: str, table: dict, filter_fn, repor
 
 def unfuse_(model: nn.Module) -> nn.Module:
     """Put the original blocks and stem modules back (same parameters and buffers). In place."""
+    unmake_stage_(model)
     for name, child in model.named_children():
         if isinstance(child, _FUSED_TYPES):
             setattr(model, name, child.to_block())

@@ -11,7 +11,8 @@ from torchvision.models import resnet as tv
 
 from fused_resnet import functional
 from fused_resnet.models import PlainBlock
-from fused_resnet.modules.conv_bn_act import conv_bn_act, conv_bn_relu_chain, folded_weights
+from fused_resnet.modules.conv_bn_act import (conv_bn_act, conv_bn_relu_chain, folded_weights,
+                                              prepacked_applies)
 
 ops = torch.ops.fused_resnet
 
@@ -40,16 +41,21 @@ def downsample_parts(downsample: Optional[nn.Module]):
     return pool, conv, bn
 
 
-class _FusedBlock(nn.Module):
+class FusedBlock(nn.Module):
     """Shared machinery: keeps the original block (unregistered, so the state_dict has no
     duplicate keys) and registers its submodules under their own names.
 
     Subclasses name what they reproduce: `convs_bns` (the conv and BN attributes),
     `activations` (ReLUs), `identities` (attributes that must be nn.Identity, e.g. timm's
     drop_block / aa) and `absent` (attributes that must be None, e.g. timm's se / drop_path),
-    and compute the block in `_forward(x, updates)`, which collects the running-statistics
-    updates of its BNs in `updates`: forward applies them once the whole block has run, so an
-    exception anywhere in it leaves every buffer as it was."""
+    and compute the block in `_forward(x, donated, updates)`, which collects the
+    running-statistics updates of its BNs in `updates`: forward applies them once the whole
+    block has run, so an exception anywhere in it leaves every buffer as it was.
+
+    Donated input: a FusedSequential (fused_resnet.modules.stage) that hands this block a
+    tensor only it holds says so with `donate(x)` just before calling it; the block may then
+    write its residual add into x (the CPU inference fast path). Anything else, including the
+    same tensor reached another way, is never overwritten."""
 
     convs_bns: tuple = ()
     activations: tuple = ()
@@ -100,7 +106,7 @@ class _FusedBlock(nn.Module):
         self._caches = {name: {} for name in ("1", "2", "3", "downsample")}
 
     @classmethod
-    def from_block(cls, block: nn.Module) -> "_FusedBlock":
+    def from_block(cls, block: nn.Module) -> "FusedBlock":
         return cls(block)
 
     def to_block(self) -> nn.Module:
@@ -111,23 +117,36 @@ class _FusedBlock(nn.Module):
                 setattr(block, name, getattr(self, name))
         return block.train(self.training)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.with_running_stats_updates(self._forward, x)
+    def donate(self, x: Tensor) -> None:
+        """Called by a FusedSequential just before it calls this block with x: nobody else
+        holds x, so the block may overwrite it."""
+        self.__dict__["_donated"] = x
 
-    def _forward(self, x: Tensor, updates: list) -> Tensor:
+    def withdraw(self) -> None:
+        """Called by the FusedSequential once the call returned or raised."""
+        self.__dict__.pop("_donated", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        donated = self.__dict__.pop("_donated", None) is x
+        return functional.with_running_stats_updates(self._forward, x, donated)
+
+    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
         raise NotImplementedError
 
-    def _identity(self, x: Tensor, updates: list) -> Tensor:
+    def _identity(self, x: Tensor, donated: bool, updates: list) -> tuple[Tensor, bool]:
+        """(the shortcut, whether nobody else holds it): x itself (held by the caller unless
+        donated), a projection computed here (ours), or what another shortcut module returns
+        (not ours to overwrite: it may be x, or kept by a hook)."""
         if self.downsample is None:
-            return x
+            return x, donated
         parts = downsample_parts(self.downsample)
         if parts is None:  # e.g. the zero-padding shortcut: computed by its own module
-            return self.downsample(x)
+            return self.downsample(x), False
         pool, conv, bn = parts
         if pool is not None:
             x = pool(x)
         return conv_bn_act(conv, bn, x, relu=False, cache=self._caches["downsample"],
-                           updates=updates)
+                           updates=updates), True
 
     def _steps(self, count: int) -> list:
         """[(conv_i, bn_i, fold cache_i)] for i = 1..count, for conv_bn_relu_chain."""
@@ -135,7 +154,7 @@ class _FusedBlock(nn.Module):
                 for i in range(1, count + 1)]
 
 
-class FusedBasicBlock(_FusedBlock):
+class FusedBasicBlock(FusedBlock):
     """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)."""
 
     convs_bns = ("conv1", "bn1", "conv2", "bn2")
@@ -145,12 +164,13 @@ class FusedBasicBlock(_FusedBlock):
     def block_type(cls):
         return tv.BasicBlock
 
-    def _forward(self, x: Tensor, updates: list) -> Tensor:
-        return conv_bn_relu_chain(self._steps(2), x, residual=self._identity(x, updates),
-                                  updates=updates)
+    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
+        identity, writable = self._identity(x, donated, updates)
+        return conv_bn_relu_chain(self._steps(2), x, residual=identity, updates=updates,
+                                  residual_writable=writable)
 
 
-class FusedPlainBlock(_FusedBlock):
+class FusedPlainBlock(FusedBlock):
     """fused_resnet.models.PlainBlock: the BasicBlock without its shortcut."""
 
     convs_bns = ("conv1", "bn1", "conv2", "bn2")
@@ -160,11 +180,11 @@ class FusedPlainBlock(_FusedBlock):
     def block_type(cls):
         return PlainBlock
 
-    def _forward(self, x: Tensor, updates: list) -> Tensor:
+    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
         return conv_bn_relu_chain(self._steps(2), x, updates=updates)
 
 
-class FusedBottleneck(_FusedBlock):
+class FusedBottleneck(FusedBlock):
     """torchvision Bottleneck (ResNet-50/101/152, wide, ResNeXt): 1x1 -> 3x3 -> 1x1 + identity.
     In eval mode a projection shortcut (1x1 conv + BN) is fused with conv3 into one GEMM."""
 
@@ -175,20 +195,26 @@ class FusedBottleneck(_FusedBlock):
     def block_type(cls):
         return tv.Bottleneck
 
-    def _forward(self, x: Tensor, updates: list) -> Tensor:
+    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
         if self.bn3.training:
-            return conv_bn_relu_chain(self._steps(3), x, residual=self._identity(x, updates),
-                                      updates=updates)
+            identity, writable = self._identity(x, donated, updates)
+            return conv_bn_relu_chain(self._steps(3), x, residual=identity, updates=updates,
+                                      residual_writable=writable)
         out = conv_bn_relu_chain(self._steps(2), x, updates=updates)
         if self._can_fuse_projection(out, x):
             return self._conv3_with_projection(out, x)
-        identity = self._identity(x, updates)
+        identity, writable = self._identity(x, donated, updates)
         return conv_bn_act(self.conv3, self.bn3, out, residual=identity, cache=self._caches["3"],
-                           updates=updates)
+                           updates=updates, residual_writable=writable)
 
     def _can_fuse_projection(self, out: Tensor, x: Tensor) -> bool:
+        """Whether conv3 and the projection shortcut run as one GEMM op. Not on the CPU
+        inference fast path: there the projection (prepacked) runs first and conv3 (prepacked)
+        adds itself into its output, which beats the one op with unpacked weights."""
         parts = downsample_parts(self.downsample)
         if parts is None or self.bn3.training or parts[2].training:
+            return False
+        if prepacked_applies(self.conv3, self.bn3, out, x, self._caches["3"]):
             return False
         _, conv_d, bn_d = parts
         conv3 = self.conv3

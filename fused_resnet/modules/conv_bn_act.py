@@ -12,6 +12,12 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
 - eval: BN folded into the conv weights (fp32 math), conv2d_epilogue with the shift, the
   residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
   parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
+  On CPU, in inference (nothing for autograd to record, not traced), where the ops would run
+  oneDNN's fused conv anyway, the module calls it directly with the folded weight prepacked
+  once into oneDNN's blocked format (cached and invalidated with the folded weights), and
+  writes the residual add into the residual when the caller says nobody else holds it
+  (`residual_writable`: a block's own shortcut output, or an input donated by
+  fused_resnet.modules.stage).
 """
 
 from typing import NamedTuple, Optional, Sequence
@@ -19,7 +25,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fused_resnet import fold, functional
+from fused_resnet import fold, functional, layout
+from fused_resnet.ops import conv as conv_ops
+from fused_resnet.ops import conv_mkldnn
 
 ops = torch.ops.fused_resnet
 
@@ -60,6 +68,43 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, cache: Optional[dict]):
                                                *fold.bn_eval_scale_shift(bn))
         cache["key"] = key
     return cache["value"]
+
+
+def prepacked_applies(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual,
+                       cache: Optional[dict]) -> bool:
+    """Whether this eval-mode step takes the CPU inference fast path (module docstring)."""
+    if cache is None or type(x) is not Tensor or x.device.type != "cpu" \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if functional.autograd_records(x, residual, conv.weight, conv.bias, bn.weight, bn.bias):
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return conv_ops.mkldnn_chosen(x, conv.weight, dtype, residual is not None)
+
+
+def _prepacked_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, cache: dict):
+    """(x, prepacked folded weight, shift) for the oneDNN fast path: x in the autocast dtype,
+    the weight folded, cast to x's dtype and reordered for x's shape and layout once; kept in
+    `cache` until the folded weights change or the input's shape, dtype or layout does."""
+    weight, shift = folded_weights(conv, bn, cache)
+    x, weight = _autocast(x, weight)
+    key = (cache["key"], x.dtype, tuple(x.shape), layout.kernel_format(x))
+    if cache.get("packed_key") != key:
+        cache["packed"] = None  # free the previous one before making the next
+        stride, padding, dilation, groups = _conv_args(conv)
+        cache["packed"] = conv_mkldnn.prepack(weight.to(x.dtype), stride, padding, dilation,
+                                              groups, x)
+        cache["packed_key"] = key
+    return x, cache["packed"], shift
+
+
+def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
+                           residual: Optional[Tensor], relu: bool, cache: dict,
+                           residual_writable: bool) -> Tensor:
+    x, weight, shift = _prepacked_weights(conv, bn, x, cache)
+    stride, padding, dilation, groups = _conv_args(conv)
+    return conv_mkldnn.conv2d_act(x, weight, shift, stride, padding, dilation, groups,
+                                  residual, relu, into_residual=residual_writable)
 
 
 def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
@@ -120,16 +165,18 @@ def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool) -> Tensor
 
 
 def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = None,
-                       relu: bool = True, updates: Optional[list] = None) -> Tensor:
+                       relu: bool = True, updates: Optional[list] = None,
+                       residual_writable: bool = False) -> Tensor:
     """relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) for steps =
     [(conv_i, bn_i, fold cache_i)], ReLU between the steps always, at the end if `relu`.
     Training BNs pass their statistics along instead of their activation (see the module
     docstring); eval BNs and unsupported convs go one pair at a time.
     updates: a list collecting the BNs' running-statistics updates, for the caller to apply
-    once nothing else can raise; None applies them once the whole chain has run."""
+    once nothing else can raise; None applies them once the whole chain has run.
+    residual_writable: as conv_bn_act's."""
     if updates is None:
         return functional.with_running_stats_updates(conv_bn_relu_chain, steps, x, residual,
-                                                     relu)
+                                                     relu, residual_writable=residual_writable)
     pending = None
     for i, (conv, bn, cache) in enumerate(steps):
         last = i == len(steps) - 1
@@ -140,19 +187,21 @@ def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = 
         if pending is not None:
             x, pending = _finish(pending, None, True), None
         x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache,
-                        updates)
+                        updates, residual_writable=last and residual_writable)
     return x if pending is None else _finish(pending, residual, relu)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, cache: Optional[dict] = None,
-                updates: Optional[list] = None) -> Tensor:
+                updates: Optional[list] = None, residual_writable: bool = False) -> Tensor:
     """relu(bn(conv(x)) + residual) (ReLU and residual optional) with conv's and bn's own
     parameters and buffers, nn.BatchNorm2d semantics in train and eval.
-    updates: as conv_bn_relu_chain's."""
+    updates: as conv_bn_relu_chain's.
+    residual_writable: nobody but the caller holds `residual` (nor a view of it) and the
+    caller does not use it afterwards, so the CPU fast path may write the result into it."""
     if updates is None:
         return functional.with_running_stats_updates(conv_bn_act, conv, bn, x, residual, relu,
-                                                     cache)
+                                                     cache, residual_writable=residual_writable)
     args = _conv_args(conv)
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
@@ -161,6 +210,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
             num_batches_tracked=bn.num_batches_tracked, running_stats_updates=updates)
     if uses_batch_statistics(bn):
         return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu)
+    if prepacked_applies(conv, bn, x, residual, cache):
+        return _conv_bn_act_prepacked(conv, bn, x, residual, relu, cache, residual_writable)
     stride, padding, dilation, groups = args
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)

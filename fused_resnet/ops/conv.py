@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_resnet import _extension, backend, devices, layout, tuning
+from fused_resnet.ops import conv_mkldnn
 from fused_resnet.ops.bn_add_relu import _run
 
 
@@ -95,7 +96,7 @@ def cutlass_unsupported(input, weight, stride, padding, dilation, groups) -> Opt
 
 
 _forced_path: Optional[str] = None
-PATHS = ("library", "triton", "cutlass")
+PATHS = ("library", "triton", "cutlass", "mkldnn")
 
 
 @contextlib.contextmanager
@@ -123,18 +124,24 @@ def _forced(candidates, input, weight, stride, padding, dilation, groups) -> str
     return _forced_path
 
 
-def conv_path(input, weight, stride, padding, dilation, groups, cutlass: bool = False) -> str:
+def conv_path(input, weight, stride, padding, dilation, groups, cutlass: bool = False,
+              mkldnn: bool = False) -> str:
     """"triton" (fused implicit-GEMM conv), "cutlass" (the CUTLASS fused conv; only where the
-    caller offers it) or "library" (library conv + fused epilogue), when the caller has no
-    measured choice to offer (see choose_path).
+    caller offers it), "mkldnn" (oneDNN's fused conv on CPU; only where the caller offers it)
+    or "library" (library conv + fused epilogue), when the caller has no measured choice to
+    offer (see choose_path).
 
     Forced backends: triton -> the Triton conv wherever it supports the configuration (its
     epilogue kernels otherwise); cpp (cuda) -> the CUTLASS conv where offered and supported,
     else library conv + the C++ epilogue; torch -> library conv + the reference epilogue.
-    auto: the library conv (cuDNN / mkldnn) + the C++ epilogue; on CUDA choose_path may pick
-    the Triton or CUTLASS conv instead after measuring them.
+    auto: on CPU oneDNN's fused conv where offered and usable (see ops.conv_mkldnn), else the
+    library conv (cuDNN / mkldnn) + the C++ epilogue; on CUDA choose_path may pick the Triton
+    or CUTLASS conv instead after measuring them.
     """
     backend.choose(input.device, input.dtype)  # raises if a forced backend cannot run here
+    if backend.requested() == "auto" and mkldnn and \
+            conv_mkldnn.unsupported(input, weight) is None:
+        return "mkldnn"
     if backend.requested() == "triton":
         unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
         return "triton" if unsupported is None else "library"
@@ -142,6 +149,21 @@ def conv_path(input, weight, stride, padding, dilation, groups, cutlass: bool = 
             cutlass_unsupported(input, weight, stride, padding, dilation, groups) is None:
         return "cutlass"
     return "library"
+
+
+def mkldnn_chosen(input: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = None,
+                  residual: bool = False) -> bool:
+    """Whether the ops would run oneDNN's fused conv (the "mkldnn" path) on this input: CPU,
+    the auto backend (or the path forced by use_path) and oneDNN able to run it. A caller that
+    holds prepacked weights (the fused modules, in inference) then calls ops.conv_mkldnn
+    itself with them. dtype: the one both operands are cast to first (autocast), if any;
+    residual: whether a residual is added."""
+    if input.device.type != "cpu" or \
+            conv_mkldnn.unsupported(input, weight, dtype, residual) is not None:
+        return False
+    if _forced_path is not None:
+        return _forced_path == "mkldnn"
+    return backend.requested() == "auto"
 
 
 def why_path_cannot_run(name: str, input, weight, stride, padding, dilation,
@@ -152,6 +174,8 @@ def why_path_cannot_run(name: str, input, weight, stride, padding, dilation,
             input, weight, stride, padding, dilation, groups)
     if name == "cutlass":
         return cutlass_unsupported(input, weight, stride, padding, dilation, groups)
+    if name == "mkldnn":
+        return conv_mkldnn.unsupported(input, weight)
     return None
 
 
@@ -172,7 +196,7 @@ def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilat
         if _forced_path is not None:
             return _forced(candidates, input, weight, stride, padding, dilation, groups)
         return conv_path(input, weight, stride, padding, dilation, groups,
-                         cutlass="cutlass" in candidates)
+                         cutlass="cutlass" in candidates, mkldnn="mkldnn" in candidates)
     key = (op, input.device.index, input.dtype, tuple(input.shape),
            layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
     if _forced_path is not None:
@@ -326,6 +350,12 @@ def _epilogue_library(input, weight, stride, padding, dilation, groups, scale, b
     return out
 
 
+def _epilogue_mkldnn(input, weight, stride, padding, dilation, groups, bias, residual, relu):
+    _, bias_f = _affine(weight.shape[0], None, bias, input)
+    return conv_mkldnn.conv2d_act(input, weight, bias_f, stride, padding, dilation, groups,
+                                  residual, relu)
+
+
 def _epilogue_cutlass(input, weight, stride, padding, bias, residual, relu):
     _, bias_f = _affine(weight.shape[0], None, bias, input)
     if residual is not None:
@@ -343,9 +373,13 @@ def _epilogue_plan(input, weight, stride, padding, dilation, groups, scale, bias
         "library": lambda: _epilogue_library(input, weight, stride, padding, dilation, groups,
                                              scale, bias, residual, relu),
     }
-    if scale is None:  # BN folded into the weight: the CUTLASS epilogue adds bias only
+    if scale is None:  # BN folded into the weight: these epilogues add a bias only
         candidates["cutlass"] = lambda: _epilogue_cutlass(input, weight, stride, padding, bias,
                                                           residual, relu)
+        if conv_mkldnn.unsupported(input, weight, residual=residual is not None) is None:
+            candidates["mkldnn"] = lambda: _epilogue_mkldnn(input, weight, stride, padding,
+                                                            dilation, groups, bias, residual,
+                                                            relu)
     return candidates, (input, weight, stride, padding, dilation, groups)
 
 
@@ -393,6 +427,17 @@ def _dual_cutlass(input, weight, stride, padding, shortcut_input, shortcut_weigh
     return _epilogue_cutlass(input, weight, stride, padding, bias, shortcut, relu)
 
 
+def _dual_mkldnn(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                 shortcut_stride, bias, relu):
+    """The projection shortcut with the whole bias, then conv3 adding itself (and the ReLU) into
+    that shortcut, which nobody else holds: two oneDNN primitives, no extra pass."""
+    _, bias_f = _affine(weight.shape[0], None, bias, input)
+    shortcut = conv_mkldnn.conv2d_act(shortcut_input, shortcut_weight, bias_f,
+                                      [shortcut_stride] * 2, [0, 0], [1, 1], 1, relu=False)
+    return conv_mkldnn.conv2d_act(input, weight, None, stride, padding, [1, 1], 1,
+                                  residual=shortcut, relu=relu, into_residual=True)
+
+
 def _dual_plan(input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride,
                bias, relu):
     args = (input, weight, stride, padding, shortcut_input, shortcut_weight, shortcut_stride,
@@ -402,6 +447,8 @@ def _dual_plan(input, weight, stride, padding, shortcut_input, shortcut_weight, 
     if shortcut_weight.shape[2:] != (1, 1) or shortcut_input.dtype != input.dtype:
         return {"library": lambda: _dual_library(*args)}, conv
     candidates = {"library": lambda: _dual_library(*args)}
+    if conv_mkldnn.unsupported(input, weight, residual=True) is None:
+        candidates["mkldnn"] = lambda: _dual_mkldnn(*args)
     if layout.fits_int32_pixel_index(*_pixels(shortcut_input)):  # its second operand too
         candidates["triton"] = lambda: _dual_triton(*args)
     if cutlass_unsupported(shortcut_input, shortcut_weight, [shortcut_stride] * 2, [0, 0],
@@ -515,6 +562,7 @@ def _stats_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients
 
 
 def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):

@@ -1,0 +1,136 @@
+"""The CPU fast path of the fused convolutions: oneDNN's own fused primitives, reached through
+PyTorch's mkldnn ops (the ones Inductor's CPU freezing pass emits), never a hand-written CPU
+convolution:
+
+    torch.ops.mkldnn._convolution_pointwise          conv + bias (+ ReLU post-op)
+    torch.ops.mkldnn._convolution_pointwise.binary   conv + bias + residual (+ ReLU), new output
+    torch.ops.mkldnn._convolution_pointwise_.binary  the same, written into the residual
+    torch.ops.mkldnn._reorder_convolution_weight     the weight in oneDNN's blocked format, once
+
+fp32 always; bfloat16 where the CPU has native bf16 support (oneDNN says so); inference only
+(the ops have no autograd formula). The caller decides when a residual may be overwritten
+(`into_residual`): only a tensor nobody else can see (fused_resnet.modules.stage).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import layout
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _mkldnn_reason() -> Optional[str]:
+    """Why oneDNN's fused convolutions are not usable in this process (None if they are)."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):
+        return "this torch build lacks mkldnn._convolution_pointwise_"
+    return None
+
+
+def bf16_supported() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def status() -> dict:
+    """What `fused-resnet info` shows about the CPU convolution path."""
+    reason = _mkldnn_reason()
+    if reason is not None:
+        return {"path": "library conv (F.conv2d) + fused_resnet C++ epilogue", "reason": reason}
+    return {"path": "oneDNN fused convolutions (BN folded; ReLU, residual add as post-ops; "
+                    "weights prepacked)",
+            "dtypes": ["float32"] + (["bfloat16"] if bf16_supported() else []),
+            "onednn": torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version")
+            else None}
+
+
+def unsupported(input: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = None,
+                residual: bool = False) -> Optional[str]:
+    """Why the oneDNN path cannot run this convolution (None if it can); dtype: the one both
+    operands will be cast to first (autocast), if any; residual: whether a residual is added."""
+    reason = _mkldnn_reason()
+    if reason is not None:
+        return reason
+    if input.device.type != "cpu" or weight.device.type != "cpu":
+        return "oneDNN fused convolutions run on CPU tensors only"
+    if input.dim() != 4 or weight.dim() != 4:
+        return "input and weight must be 4-D"
+    if dtype is None:
+        if weight.dtype != input.dtype:
+            return f"input dtype {input.dtype} with weight dtype {weight.dtype}"
+        dtype = input.dtype
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} (float32 or bfloat16)"
+    if dtype == torch.bfloat16 and not bf16_supported():
+        return "this CPU has no native bfloat16 support for oneDNN"
+    if input.numel() == 0:
+        return "empty input"
+    if residual and dtype != torch.float32 and not layout.is_channels_last(input):
+        # NCHW: oneDNN leaves the add + ReLU to ATen's add_relu, which has no bfloat16
+        return f"{dtype} residual add on NCHW input"
+    return None
+
+
+def _packable(input: Tensor) -> bool:
+    """A prepacked weight makes oneDNN write a channels_last output: used for channels_last
+    input only, so the output keeps the input's layout as everywhere else."""
+    return layout.is_channels_last(input)
+
+
+def prepack(weight: Tensor, stride, padding, dilation, groups: int, input: Tensor) -> Tensor:
+    """`weight` reordered once into the blocked format oneDNN picks for `input`'s shape (an
+    opaque mkldnn tensor), or `weight` itself where prepacking does not apply (NCHW input).
+    A prepacked weight stays correct for other input shapes (oneDNN reorders again if its
+    choice differs), so a cache may be keyed on the shape only to stay fast."""
+    if not _packable(input):
+        return weight
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.contiguous(memory_format=torch.channels_last), list(padding), list(stride),
+        list(dilation), groups, list(input.shape))
+
+
+def _same_dense_layout(residual: Tensor, input: Tensor) -> bool:
+    """Whether `residual` is dense in `input`'s memory format (the output written into it then
+    has the layout an out-of-place result would have)."""
+    return residual.is_contiguous(memory_format=layout.kernel_format(input))
+
+
+def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+               groups: int, residual: Optional[Tensor] = None, relu: bool = True,
+               into_residual: bool = False) -> Tensor:
+    """relu(conv2d(input, weight) + bias + residual) (bias, residual and ReLU optional) in one
+    oneDNN primitive. weight: dense, or prepacked by `prepack` for this input's layout.
+    into_residual: write the result into `residual` (same shape and dtype) and return it;
+    the caller guarantees nobody else holds it."""
+    args = (list(padding), list(stride), list(dilation), groups)
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    if residual is None:
+        out = torch.ops.mkldnn._convolution_pointwise(input, weight, bias, *args,
+                                                      "relu" if relu else "none", [None], "")
+        return layout.dense_like(out, input)
+    act = "relu" if relu else None  # the binary ops take no "none"
+    if residual.dtype != input.dtype:
+        residual = residual.to(input.dtype)
+        into_residual = True  # a fresh copy: ours to overwrite
+    if bias is not None and input.dtype != torch.float32:
+        # oneDNN's binary post-op takes the bias in the input's dtype only (the unary one takes
+        # fp32): one bf16 rounding of the shift, no larger than the rounding of the output
+        bias = bias.to(input.dtype)
+    if input.dtype != torch.float32 and not (into_residual and
+                                             _same_dense_layout(residual, input)):
+        # the out-of-place binary op has no bf16 add + ReLU: add into a copy of the residual
+        residual = residual.contiguous(memory_format=layout.kernel_format(input)).clone(
+            memory_format=layout.kernel_format(input))
+        into_residual = True
+    if into_residual and _same_dense_layout(residual, input):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, input, weight, bias, *args, "add", 1.0, act, [None], "")
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
+        input, residual, weight, bias, *args, "add", 1.0, act, [None], "")
+    return layout.dense_like(out, input)

@@ -6,6 +6,7 @@ from importlib import metadata
 import torch
 
 from fused_resnet import _extension, backend, tuning
+from fused_resnet.ops import conv_mkldnn
 
 try:
     __version__ = metadata.version("fused_resnet")
@@ -38,6 +39,8 @@ def _ext_entry(device_type: str) -> dict:
     if reason is None and device_type == "cuda" and not torch.cuda.is_available():
         reason = "built, but no CUDA device is visible"
     entry = {"built": built, "usable": reason is None}
+    if device_type == "cpu" and built:
+        entry["isa"] = getattr(module, "cpu_isa", None)  # the kernels' instruction set here
     if reason:
         entry["reason"] = reason
     return entry
@@ -93,6 +96,7 @@ def info() -> dict:
             "triton": _triton_entry(),
             "torch": {"built": True, "usable": True},
         },
+        "cpu_conv": conv_mkldnn.status(),
         "extension_built_with_torch": getattr(_extension.load(), "built_with_torch", None),
         "extension_source_stamp": _extension.source_stamp(),
         "tuning_cache": tuning.cache_path(),

@@ -44,7 +44,7 @@ def _bench(args) -> int:
     from fused_resnet.bench import providers, report, suite
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = args.providers or list(providers.DEFAULT_PROVIDERS)
+    names = args.providers or list(providers.defaults(device))
     if args.max_autotune and "compile_max" not in names:
         names.append("compile_max")
     config = suite.Config.defaults_for(
@@ -80,7 +80,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 GPU, 8 CPU")
     p.add_argument("--image-size", type=int, default=None, help="default: 224 GPU, 112 CPU")
     p.add_argument("--providers", nargs="+", choices=providers.ALL_PROVIDERS, default=None,
-                   help=f"default: {' '.join(providers.DEFAULT_PROVIDERS)} (those usable here)")
+                   help=f"default on a GPU: {' '.join(providers.DEFAULT_PROVIDERS)}; on a CPU: "
+                        f"{' '.join(providers.CPU_DEFAULT_PROVIDERS)}")
     p.add_argument("--max-autotune", action="store_true",
                    help="also torch.compile(mode='max-autotune') (slow to compile)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")

@@ -4,6 +4,10 @@
     eager_cl       PyTorch eager, channels_last (the baseline ratios are taken against)
     compile        torch.compile(eager_cl), default mode
     compile_max    torch.compile(eager_cl, mode="max-autotune") (slow to compile: opt-in)
+    compile_freeze torch.compile(eager_cl) with Inductor's freezing: inference graphs take the
+                   weights as constants, fold BN into the convs and run oneDNN's fused
+                   convolutions with prepacked weights on CPU (the strongest CPU peer; a
+                   default provider on CPU). Training graphs are not frozen.
     fused          fr.fuse_(eager_cl), backend auto
     fused_compile  torch.compile(fused), default mode
     fused_cuda     fused, forced to the C++/CUDA kernels: BN ops, and the CUTLASS convs
@@ -26,7 +30,8 @@ from torch import nn
 from fused_resnet import backend
 
 DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cuda", "fused_triton")
-ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_max", "fused_compile")
+CPU_DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "compile_freeze", "fused")
+ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_freeze", "compile_max", "fused_compile")
 BASELINE = "eager_cl"
 
 
@@ -71,6 +76,12 @@ class Runner:
         self.optimizer.step()
 
 
+def defaults(device: str) -> tuple:
+    """The providers a bench runs unless told otherwise: on CPU the forced CUDA and Triton
+    providers can't run, and torch.compile with freezing is the peer to beat."""
+    return CPU_DEFAULT_PROVIDERS if torch.device(device).type == "cpu" else DEFAULT_PROVIDERS
+
+
 def unavailable(name: str, device: str) -> Optional[str]:
     """Why provider `name` can't run on `device` (None if it can)."""
     device_type = torch.device(device).type
@@ -94,11 +105,20 @@ def build(name: str, model: nn.Module, device: str, dtype: torch.dtype) -> Runne
     model = model.to(memory_format=torch.channels_last)
     if name == "eager_cl":
         return Runner(name, model, device, dtype, True)
+    # dynamic=False: the correctness check runs another batch size than the timing, and a
+    # second shape would otherwise make Dynamo compile a dynamic-batch graph (slower, and on
+    # CPU without prepacked oneDNN weights): each shape gets its own static graph, as a fixed
+    # serving shape would.
     if name in ("compile", "compile_max"):
         mode = "max-autotune" if name == "compile_max" else None
-        return Runner(name, model, device, dtype, True, wrap=lambda m: torch.compile(m, mode=mode))
+        return Runner(name, model, device, dtype, True,
+                      wrap=lambda m: torch.compile(m, mode=mode, dynamic=False))
+    if name == "compile_freeze":
+        return Runner(name, model, device, dtype, True,
+                      wrap=lambda m: torch.compile(m, dynamic=False, options={"freezing": True}))
     fused = fr.fuse_(model)
     if name == "fused_compile":
-        return Runner(name, fused, device, dtype, True, wrap=torch.compile)
+        return Runner(name, fused, device, dtype, True,
+                      wrap=lambda m: torch.compile(m, dynamic=False))
     backend_name = {"fused": "auto", "fused_cuda": "cuda", "fused_triton": "triton"}[name]
     return Runner(name, fused, device, dtype, True, backend_name)

@@ -26,7 +26,7 @@ class Config:
     dtype: str = "fp32"
     batch_size: int = 8
     image_size: int = 112
-    providers: Optional[list] = None  # None: providers.DEFAULT_PROVIDERS
+    providers: Optional[list] = None  # None: providers.defaults(device)
     warmup: int = 2
     repeats: int = 5
     iters: int = 1
@@ -97,7 +97,7 @@ class _Progress:
 
 
 def _provider_list(config: Config) -> list:
-    return list(config.providers) if config.providers else list(providers.DEFAULT_PROVIDERS)
+    return list(config.providers) if config.providers else list(providers.defaults(config.device))
 
 
 def run(config: Config, build=None) -> dict:

@@ -366,6 +366,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "built_with_torch", FR_STR(FR_TORCH_VERSION));
+  // the instruction set the C++ CPU kernels run with on this machine (csrc/cpu/bn_add_relu.cpp)
+  PyModule_AddStringConstant(m, "cpu_isa", fused_resnet::cpu::isa_name());
 #ifdef FR_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else

@@ -105,8 +105,12 @@ def test_training_steps_match_torchvision(name):
     whose input is within rounding of zero may decide either way (in the plain model too, and
     not at the same elements), which moves upstream gradients by O(|g|) from that element:
     seen up to 2e-2 normwise (plain: 2.5e-3) for a layer4 BN of a 64x64 batch of 4 (16 values
-    per channel), 3e-6 on another seed. A wrong or missing term is O(1): bounds of 0.1 per
-    tensor and 1e-3 over all gradients together (or 4x the plain model's) still catch it."""
+    per channel), 3e-6 on another seed. A flip early in the network moves every gradient
+    upstream of it: 6.6e-3 over all of resnet18's gradients at one step (every tensor upstream
+    of layer2.0 ~6e-3, everything else 5e-6, the plain model 6.5e-3 at the step before) when
+    the C++ kernels began to run with AVX-512 FMAs. A wrong or missing term is O(1): bounds of
+    0.1 per tensor and 2e-2 over all gradients together (or 4x the plain model's) still catch
+    it."""
     model = _model(name)
     fused, plain, ref = fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), \
         copy.deepcopy(model).double()
@@ -119,7 +123,7 @@ def test_training_steps_match_torchvision(name):
                 f"step {step} grad {pname}: normwise error {err:.2e}, plain {err_plain:.2e}"
         flat = [torch.cat([t.flatten().double() for t in gs]) for gs in (grads, grads_p, grads_r)]
         err, err_plain = normwise_error(flat[0], flat[2]), normwise_error(flat[1], flat[2])
-        assert err <= max(4 * err_plain, 1e-3), f"step {step} all gradients: {err:.2e}"
+        assert err <= max(4 * err_plain, 2e-2), f"step {step} all gradients: {err:.2e}"
     for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):
         if b.dtype == torch.long:
             assert torch.equal(b, c), bname

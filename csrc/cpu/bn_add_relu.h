@@ -31,5 +31,8 @@ void bn_add_relu_grad_apply(DType dtype, const void* grad, const uint8_t* mask, 
                             const float* mean, const float* k, const float* b, const float* c,
                             bool relu, Geometry g, void* dx, void* dres);
 
+// The instruction set the kernels above run with here: "avx512", "avx2" or "base".
+const char* isa_name();
+
 }  // namespace cpu
 }  // namespace fused_resnet

@@ -222,6 +222,8 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(mask, mean, var)
+    # no zero tensors for the gradients of the mask (a byte per 8 elements) and statistics
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):

@@ -108,6 +108,7 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.conv_args = eps, (stride, padding, dilation, groups)
     ctx.param_dtypes = tuple(p.dtype if p is not None else None for p in (bn_weight, bn_bias))
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients
 
 
 def _backward(ctx, grad_z, _grad_mean, _grad_var):

@@ -89,13 +89,15 @@ def _prepacked_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, cache: di
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)
     key = (cache["key"], x.dtype, tuple(x.shape), layout.kernel_format(x))
-    if cache.get("packed_key") != key:
-        cache["packed"] = None  # free the previous one before making the next
+    entry = cache.get("packed")
+    if entry is None or entry[0] != key:
         stride, padding, dilation, groups = _conv_args(conv)
-        cache["packed"] = conv_mkldnn.prepack(weight.to(x.dtype), stride, padding, dilation,
-                                              groups, x)
-        cache["packed_key"] = key
-    return x, cache["packed"], shift
+        # one assignment of (key, weight): a thread serving the same module never reads a
+        # weight under another shape's key
+        entry = (key, conv_mkldnn.prepack(weight.to(x.dtype), stride, padding, dilation, groups,
+                                          x))
+        cache["packed"] = entry
+    return x, entry[1], shift
 
 
 def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,

@@ -83,6 +83,27 @@ def test_eval_matches_unfused_and_float64(name, memory_format, monkeypatch):
     assert out.is_contiguous(memory_format=memory_format) or out.dim() == 2
 
 
+@pytest.mark.parametrize("shortcut, plain", [("A", False), ("B", False), ("A", True)],
+                         ids=["option_A", "option_B", "plain"])
+def test_cifar_zoo(shortcut, plain, monkeypatch):
+    """The CIFAR ResNets: option A's zero-padding shortcut (a module's output: never written
+    into), option B's projections, and the plain network without shortcuts."""
+    torch.manual_seed(0)
+    model = fr.models.cifar_resnet(20, shortcut=shortcut, plain=plain)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    model = model.eval().to(memory_format=CL)
+    fused = fr.fuse_(copy.deepcopy(model))
+    spy = _Spy(monkeypatch)
+    _check(f"cifar {shortcut}", fused, model,
+           torch.randn(4, 3, 32, 32).contiguous(memory_format=CL))
+    assert spy.calls == 18 + (2 if shortcut == "B" and not plain else 0)  # stem: not fused
+    # donated inputs: blocks 2-3 of each stage; B's two projections are written into as well
+    assert len(spy.into_residual) == (0 if plain else 6 + (2 if shortcut == "B" else 0))
+
+
 def test_resnet50_donates_between_blocks_and_into_its_projections(monkeypatch):
     """ResNet-50: the projection of each stage's first block and the input of every other block
     are written in place (16 blocks: 4 projections + 12 donated inputs)."""

@@ -55,9 +55,13 @@ def _assert_close_to_reference(name, got, plain, ref64):
 
 
 @pytest.mark.parametrize("name", CONSTRUCTORS)
-def test_eval_matches_torchvision(name):
-    fused, plain, ref = (m.eval() for m in _three(_model(name)))
-    x = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_eval_matches_torchvision(name, memory_format):
+    """On a CPU: oneDNN's fused convs, unpacked weights for NCHW, prepacked for channels_last
+    (with the stage's donated residuals)."""
+    fused, plain, ref = (m.eval().to(memory_format=memory_format) for m in _three(_model(name)))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
     with torch.no_grad():
         _assert_close_to_reference("eval logits", fused(x), plain(x), ref(x.double()))
 

@@ -195,7 +195,8 @@ def test_the_committed_cpu_reports_parse_and_are_not_used():
     kinds = {"conv-cpu-2cores-2026-11-23.json": {"conv", "dual"},
              "bn_add_relu-cpu-2cores-2026-11-23.json": {"bn_add_relu"},
              "blocks-cpu-2cores-2026-11-23.json": {"block"},
-             "bench-cpu-2cores-2026-11-23/results.json": {"model"}}
+             "bench-cpu-2cores-2026-12-01/results.json": {"model"},
+             "bench-cpu-2cores-224px-2026-12-01/results.json": {"model"}}
     paths = [str(results / name) for name in kinds]
     for path, expected in zip(paths, kinds.values()):
         assert {m.kind for m in rl.load_measurements(path)} == expected

@@ -227,6 +227,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
+    if grad_out is None:  # grads are not materialised (setup_context): nothing flows back
+        return (None,) * len(ctx.needs_input_grad)
     input, mask, mean, var, weight = ctx.saved_tensors
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
     grad_input, grad_residual, grad_weight, grad_bias = bn_add_relu_backward(

@@ -112,6 +112,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z, _grad_mean, _grad_var):
+    if grad_z is None:  # grads are not materialised (setup_context): nothing flows back
+        return (None,) * len(ctx.needs_input_grad)
     input, bn_weight, bn_bias, mean, var, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     need_input, need_bn_weight, need_bn_bias = ctx.needs_input_grad[:3]

@@ -566,6 +566,8 @@ def _stats_setup_context(ctx, inputs, output):
 
 
 def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):
+    if grad_z is None:  # grads are not materialised (setup_context): nothing flows back
+        return (None,) * len(ctx.needs_input_grad)
     input, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     need_input, need_weight = ctx.needs_input_grad[:2]

@@ -44,9 +44,7 @@ def status() -> dict:
         return {"path": "library conv (F.conv2d) + fused_resnet C++ epilogue", "reason": reason}
     return {"path": "oneDNN fused convolutions (BN folded; ReLU, residual add as post-ops; "
                     "weights prepacked)",
-            "dtypes": ["float32"] + (["bfloat16"] if bf16_supported() else []),
-            "onednn": torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version")
-            else None}
+            "dtypes": ["float32"] + (["bfloat16"] if bf16_supported() else [])}
 
 
 def unsupported(input: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = None,
@@ -125,8 +123,7 @@ def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
     if input.dtype != torch.float32 and not (into_residual and
                                              _same_dense_layout(residual, input)):
         # the out-of-place binary op has no bf16 add + ReLU: add into a copy of the residual
-        residual = residual.contiguous(memory_format=layout.kernel_format(input)).clone(
-            memory_format=layout.kernel_format(input))
+        residual = residual.clone(memory_format=layout.kernel_format(input))  # one dense copy
         into_residual = True
     if into_residual and _same_dense_layout(residual, input):
         return torch.ops.mkldnn._convolution_pointwise_.binary(

@@ -1,5 +1,5 @@
-"""Interleaved A/B timing of ResNet-50 on a CPU: eager channels_last, torch.compile with
-freezing (inference) and the fused model, in one process, round-robin over rounds so that a
+"""Interleaved A/B timing of ResNet-50 on a CPU: eager channels_last, torch.compile (with
+freezing for inference) and the fused model, in one process, round-robin over rounds so that a
 noisy neighbour on a shared machine hits every provider alike; medians per provider. A
 cross-check of `fused-resnet bench`'s one-pass numbers, not a replacement (no correctness
 check here: the bench and the tests do that).
@@ -72,7 +72,10 @@ def _training(size, batch, rounds, iters):
             torch.nn.functional.cross_entropy(model(x), target).backward()
             optimizer.step()
         return step
-    return _interleaved({"eager_cl": run(eager), "fused": run(fused)}, rounds, iters)
+    # torch.compile without freezing: training updates the weights, which freezing would bake in
+    compiled = torch.compile(copy.deepcopy(eager), dynamic=False)
+    return _interleaved({"eager_cl": run(eager), "compile": run(compiled), "fused": run(fused)},
+                        rounds, iters)
 
 
 def main():

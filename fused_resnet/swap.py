@@ -8,12 +8,14 @@ from typing import Callable, Optional
 
 from torch import nn
 from torchvision.models import resnet as tv
+from torchvision.models._utils import IntermediateLayerGetter
 
 from fused_resnet.models import PlainBlock
-from fused_resnet.modules import (FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem,
-                                  StemBatchNorm)
+from fused_resnet.modules import FusedBasicBlock, FusedBottleneck, FusedPlainBlock, FusedStem
+from fused_resnet.modules import norms, unfused
 from fused_resnet.modules.blocks import FusedTimmBasicBlock, FusedTimmBottleneck, timm_resnet
 from fused_resnet.modules.stage import make_stage_, stage_of, unmake_stage_
+from fused_resnet.modules.stem import STEM_NORM_TYPES
 
 log = logging.getLogger("fused_resnet")
 
@@ -38,8 +40,10 @@ def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bo
     stem in `model` (for which filter_fn(module, fully_qualified_name) is true, if given) with
     its fused counterpart. Idempotent; keeps weights, buffers, train/eval mode, device and
     dtype. Returns `model`; what was swapped and what was left (with the reason) is in
-    model.fused_resnet_report = {"fused": [names], "left": {name: reason}}."""
-    report = {"fused": [], "left": {}}
+    model.fused_resnet_report = {"fused": [names], "left": {name: reason}, "hooked": {name:
+    reason}}, "hooked" naming the fused blocks that compute through their original modules
+    while hooks on their inner modules are registered (fused_resnet.modules.unfused)."""
+    report = {"fused": [], "left": {}, "hooked": {}}
     for fqn, module in list(model.named_modules()):
         _fuse_stem(module, fqn, filter_fn, report)
     _fuse_children(model, "", _fused_for(), filter_fn, report)
@@ -57,11 +61,23 @@ def _stem_activation(resnet: nn.Module) -> Optional[str]:
     runs conv1 -> bn1 -> that activation, else None."""
     if isinstance(resnet, tv.ResNet):
         return "relu" if type(resnet).forward is tv.ResNet.forward else ""
+    if _is_layer_getter_stem(resnet):
+        return "relu"
     timm = timm_resnet() if "timm" in sys.modules else None
     if timm is not None and isinstance(resnet, timm.ResNet):
         same = type(resnet).forward_features is timm.ResNet.forward_features
         return "act1" if same else ""
     return None
+
+
+def _is_layer_getter_stem(module: nn.Module) -> bool:
+    """Whether `module` is the body of a torchvision detection / segmentation backbone (an
+    IntermediateLayerGetter over a ResNet) that runs conv1 -> bn1 -> relu first and returns
+    none of them as a feature."""
+    if type(module) is not IntermediateLayerGetter:
+        return False
+    names = list(module.keys())[:3]
+    return names == ["conv1", "bn1", "relu"] and not set(names) & set(module.return_layers)
 
 
 def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report) -> None:
@@ -98,10 +114,11 @@ def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, 
     if isinstance(conv, FusedStem):
         report["fused"].append(fqn)
         return
-    exact = type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU
+    exact = type(conv) is nn.Conv2d and norms.why_not_fusable(bn) is None \
+        and type(act) is nn.ReLU
     if not exact:
         if not quiet:
-            report["left"][fqn] = "stem is not conv -> BatchNorm2d -> ReLU"
+            report["left"][fqn] = "stem is not conv -> BatchNorm2d (or FrozenBatchNorm2d) -> ReLU"
         return
     if filter_fn is not None and not filter_fn(conv, fqn):
         report["left"][fqn] = "excluded by filter_fn"
@@ -131,6 +148,8 @@ def _fuse_children(module: nn.Module, prefix: str, table: dict, filter_fn, repor
             continue
         setattr(module, name, fused_type.from_block(child))
         report["fused"].append(fqn)
+        if unfused.hooked_inner(child):
+            report["hooked"][fqn] = unfused.reason(child)
 
 
 def unfuse_(model: nn.Module) -> nn.Module:
@@ -139,7 +158,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, _FUSED_TYPES):
             setattr(model, name, child.to_block())
-        elif isinstance(child, (FusedStem, StemBatchNorm)):
+        elif isinstance(child, (FusedStem,) + STEM_NORM_TYPES):
             setattr(model, name, child.original())
         else:
             unfuse_(child)

@@ -11,6 +11,7 @@ from torchvision.models import resnet as tv
 
 from fused_resnet import functional
 from fused_resnet.models import PlainBlock
+from fused_resnet.modules import norms, unfused
 from fused_resnet.modules.conv_bn_act import (conv_bn_act, conv_bn_relu_chain, folded_weights,
                                               prepacked_applies)
 
@@ -27,7 +28,8 @@ def timm_resnet():
 
 
 def downsample_parts(downsample: Optional[nn.Module]):
-    """(pool, conv, bn) when downsample is Sequential([pool,] conv, BatchNorm2d) with pool an
+    """(pool, conv, bn) when downsample is Sequential([pool,] conv, norm) with norm a BatchNorm2d
+    or FrozenBatchNorm2d (fused_resnet.modules.norms) and pool an
     AvgPool2d (timm's avg_down, 'd' variants) or Identity (pool None then); else None."""
     if type(downsample) is not nn.Sequential or len(downsample) not in (2, 3):
         return None
@@ -35,7 +37,7 @@ def downsample_parts(downsample: Optional[nn.Module]):
     pool = pool[0] if pool else None
     if type(pool) is nn.Identity:
         pool = None
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d \
+    if type(conv) is not nn.Conv2d or norms.why_not_fusable(bn) is not None \
             or (pool is not None and type(pool) is not nn.AvgPool2d):
         return None
     return pool, conv, bn
@@ -55,7 +57,11 @@ class FusedBlock(nn.Module):
     Donated input: a FusedSequential (fused_resnet.modules.stage) that hands this block a
     tensor only it holds says so with `donate(x)` just before calling it; the block may then
     write its residual add into x (the CPU inference fast path). Anything else, including the
-    same tensor reached another way, is never overwritten."""
+    same tensor reached another way, is never overwritten.
+
+    Hooks: the block shares the original block's hook dictionaries, so hooks on it fire as
+    before; while its inner modules have hooks (or under FX tracing) it runs the original
+    block's forward on its (shared) submodules instead (fused_resnet.modules.unfused)."""
 
     convs_bns: tuple = ()
     activations: tuple = ()
@@ -77,9 +83,8 @@ class FusedBlock(nn.Module):
             module = getattr(block, name, None)
             if name.startswith("conv") and type(module) is not nn.Conv2d:
                 return f"{name} is {type(module).__name__}, not nn.Conv2d"
-            if name.startswith("bn") and type(module) is not nn.BatchNorm2d:
-                return f"{name} is {type(module).__name__}, not nn.BatchNorm2d (SyncBatchNorm " \
-                       f"is left unfused to keep its cross-process statistics)"
+            if name.startswith("bn") and norms.why_not_fusable(module) is not None:
+                return f"{name} {norms.why_not_fusable(module)}"
         for name in cls.activations:
             if type(getattr(block, name, None)) is not nn.ReLU:
                 return f"{name} is {type(getattr(block, name, None)).__name__}, not nn.ReLU"
@@ -99,6 +104,7 @@ class FusedBlock(nn.Module):
             raise TypeError(f"{type(self).__name__}.from_block expects a "
                             f"{self.block_type().__name__}, got {type(block).__name__}")
         self.__dict__["_original"] = block
+        unfused.share_hooks(self, block)
         for name in self._names():
             setattr(self, name, getattr(block, name, None))
         self.stride = block.stride
@@ -115,6 +121,7 @@ class FusedBlock(nn.Module):
         for name in self._names():
             if hasattr(block, name):
                 setattr(block, name, getattr(self, name))
+        unfused.copy_backward_hook_kind(self, block)  # the hooks themselves are shared
         return block.train(self.training)
 
     def donate(self, x: Tensor) -> None:
@@ -128,7 +135,14 @@ class FusedBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         donated = self.__dict__.pop("_donated", None) is x
+        why = unfused.reason(self, x)
+        if why is not None:  # hooks on inner modules, or FX tracing: fused_resnet.modules.unfused
+            unfused.say_once(self, why)
+            return self.block_type().forward(self, x)
         return functional.with_running_stats_updates(self._forward, x, donated)
+
+    def __prepare_scriptable__(self):
+        raise unfused.scripting_error(self)
 
     def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
         raise NotImplementedError
@@ -196,7 +210,7 @@ class FusedBottleneck(FusedBlock):
         return tv.Bottleneck
 
     def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
-        if self.bn3.training:
+        if norms.uses_batch_statistics(self.bn3):
             identity, writable = self._identity(x, donated, updates)
             return conv_bn_relu_chain(self._steps(3), x, residual=identity, updates=updates,
                                       residual_writable=writable)
@@ -212,7 +226,8 @@ class FusedBottleneck(FusedBlock):
         inference fast path: there the projection (prepacked) runs first and conv3 (prepacked)
         adds itself into its output, which beats the one op with unpacked weights."""
         parts = downsample_parts(self.downsample)
-        if parts is None or self.bn3.training or parts[2].training:
+        if parts is None or norms.uses_batch_statistics(self.bn3) \
+                or norms.uses_batch_statistics(parts[2]):
             return False
         if prepacked_applies(self.conv3, self.bn3, out, x, self._caches["3"]):
             return False
@@ -221,8 +236,7 @@ class FusedBottleneck(FusedBlock):
         return (conv3.kernel_size == (1, 1) and conv3.stride == (1, 1) and conv3.groups == 1
                 and conv3.bias is None and conv_d.kernel_size == (1, 1) and conv_d.groups == 1
                 and conv_d.bias is None and conv_d.stride[0] == conv_d.stride[1]
-                and conv_d.padding == (0, 0) and self.bn3.running_mean is not None
-                and bn_d.running_mean is not None
+                and conv_d.padding == (0, 0)
                 and not torch.is_autocast_enabled(out.device.type)
                 and not self._needs_grad(out, x, conv_d, bn_d))
 

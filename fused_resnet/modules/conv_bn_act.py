@@ -9,7 +9,8 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
   stats and num_batches_tracked updated exactly as nn.BatchNorm2d, but only once the whole
   step or chain (or, given `updates`, the caller: a block) has run, so that an exception
   leaves every buffer as it was. An empty batch takes the unfused ops (see _conv_with_stats).
-- eval: BN folded into the conv weights (fp32 math), conv2d_epilogue with the shift, the
+- eval (and FrozenBatchNorm2d always, see fused_resnet.modules.norms): BN folded into the
+  conv weights (fp32 math; differentiable when the conv's weight is trained), conv2d_epilogue with the shift, the
   residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
   parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
   On CPU, in inference (nothing for autograd to record, not traced), where the ops would run
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 
 from fused_resnet import fold, functional, layout
 from fused_resnet.ops import conv as conv_ops
+from fused_resnet.modules import norms
+from fused_resnet.modules.norms import uses_batch_statistics
 from fused_resnet.ops import conv_mkldnn
 
 ops = torch.ops.fused_resnet
@@ -107,12 +110,6 @@ def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
     stride, padding, dilation, groups = _conv_args(conv)
     return conv_mkldnn.conv2d_act(x, weight, shift, stride, padding, dilation, groups,
                                   residual, relu, into_residual=residual_writable)
-
-
-def uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
-    """Whether bn normalises with the batch statistics (training, or no running stats) rather
-    than folding into the conv."""
-    return bn.training or bn.running_mean is None
 
 
 class _Pending(NamedTuple):
@@ -208,8 +205,9 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
             conv(x), residual, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-            training=uses_batch_statistics(bn), momentum=bn.momentum, eps=bn.eps, relu=relu,
-            num_batches_tracked=bn.num_batches_tracked, running_stats_updates=updates)
+            training=uses_batch_statistics(bn), momentum=norms.momentum(bn), eps=bn.eps,
+            relu=relu, num_batches_tracked=norms.num_batches_tracked(bn),
+            running_stats_updates=updates)
     if uses_batch_statistics(bn):
         return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu)
     if prepacked_applies(conv, bn, x, residual, cache):
@@ -231,9 +229,9 @@ class FusedConvBNAct(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
         super().__init__()
-        if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d) \
-                or isinstance(bn, nn.SyncBatchNorm):
-            raise TypeError(f"FusedConvBNAct: expected nn.Conv2d and nn.BatchNorm2d, got "
+        if type(conv) is not nn.Conv2d or norms.why_not_fusable(bn) is not None:
+            raise TypeError(f"FusedConvBNAct: expected nn.Conv2d and nn.BatchNorm2d (or "
+                            f"FrozenBatchNorm2d), got "
                             f"{type(conv).__name__} and {type(bn).__name__}")
         self.conv, self.bn, self.relu = conv, bn, relu
         self._fold_cache: dict = {}

@@ -8,7 +8,7 @@ into a newly allocated output: one allocation and one output's worth of cold mem
 block. FusedSequential is that nn.Sequential, saying so to the block it calls.
 
 It says so only when it can prove it: the previous module is a fused block (whose output is a
-tensor it created) without forward hooks, the next one is a fused block without forward
+tensor it created) without forward hooks on it or on its inner modules, the next one is a fused block without forward
 pre-hooks, no global module hooks are registered (any of those could keep the tensor), the
 tensor is a plain Tensor that autograd does not record (backward may need it), and nothing is
 tracing or compiling (a graph decides its own buffers). The stage's own input is never donated:
@@ -18,22 +18,20 @@ fuse_ changes the class of the Sequential in place and unfuse_ changes it back.
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
+from fused_resnet.modules import unfused
 from fused_resnet.modules.blocks import FusedBlock
 
 
-def _global_hooks(*names: str) -> bool:
-    """Whether any global module hook of these kinds is registered (one registered with
-    torch.nn.modules.module.register_module_forward_hook and friends sees every module's
-    input or output). A torch without these registries counts as hooked: no donation."""
-    return any(getattr(torch_module, name, True) for name in names)
+def _gives_own_output(module: nn.Module) -> bool:
+    """Whether `module`, about to be called, returns a tensor that nobody but the caller will
+    hold: a fused block computing fused (no hooks on it or inside it, which could keep it)."""
+    return isinstance(module, FusedBlock) and not module._forward_hooks \
+        and not unfused.hooked_inner(module)
 
 
-def _can_give(module: nn.Module, output) -> bool:
-    """Whether `output`, just returned by `module`, is held by nobody but the caller."""
-    return (isinstance(module, FusedBlock) and not module._forward_hooks
-            and type(output) is Tensor and not output.requires_grad)
+def _can_give(output) -> bool:
+    return type(output) is Tensor and not output.requires_grad
 
 
 def _can_take(module: nn.Module) -> bool:
@@ -49,10 +47,13 @@ class FusedSequential(nn.Sequential):
     """nn.Sequential that donates the tensors between its fused blocks (module docstring)."""
 
     def forward(self, input):
-        if _tracing() or _global_hooks("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if _tracing() or unfused.global_hooks():
             return super().forward(input)
         donatable = False  # the stage's input belongs to the caller
         for module in self:
+            # judged before the call: a hook that removes itself while running may keep the
+            # output all the same
+            gives = _gives_own_output(module)
             if donatable and _can_take(module):
                 module.donate(input)
                 try:
@@ -61,8 +62,11 @@ class FusedSequential(nn.Sequential):
                     module.withdraw()
             else:
                 input = module(input)
-            donatable = _can_give(module, input)
+            donatable = gives and _can_give(input)
         return input
+
+    def __prepare_scriptable__(self):
+        raise unfused.scripting_error(self)
 
 
 def stage_of(module: nn.Module) -> bool:

@@ -1,0 +1,162 @@
+"""FrozenBatchNorm2d (torchvision.ops.misc), the norm of every pretrained torchvision detection
+backbone: fused and folded into the conv in training and eval, the convs still learning through
+the folded weight. ResNet-50 with FrozenBN, an FPN backbone with frozen and trainable layers,
+and a Faster R-CNN training step, each against the unfused model and float64."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import fused_resnet as fr
+from fused_resnet.modules import StemFrozenBatchNorm
+from fused_resnet.verify import compare, normwise_error
+
+
+def _randomise_frozen(model):
+    """Non-trivial frozen statistics and affine parameters (the defaults are an identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _resnet50_frozen():
+    torch.manual_seed(0)
+    return _randomise_frozen(torchvision.models.resnet50(num_classes=10,
+                                                         norm_layer=FrozenBatchNorm2d))
+
+
+def _three(model):
+    return fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model).double()
+
+
+def _assert_close(name, got, plain, ref64):
+    c = compare(name, got, ref64, plain)
+    assert c.ok, c
+
+
+def _assert_gradients(fused, plain, ref):
+    """Every parameter's gradient: fused vs float64 within 4x the plain model's error (the
+    bound test_fuse's training test justifies; a missing or wrong term is O(1))."""
+    checked = 0
+    for (name, p), q, r in zip(fused.named_parameters(), plain.parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is None:
+            continue
+        err, err_plain = normwise_error(p.grad, r.grad), normwise_error(q.grad, r.grad)
+        assert err <= max(4 * err_plain, 1e-4), f"grad {name}: {err:.2e}, plain {err_plain:.2e}"
+        checked += 1
+    return checked
+
+
+def test_resnet50_frozen_bn_fuses_every_block_and_the_stem():
+    fused = fr.fuse_(_resnet50_frozen())
+    report = fused.fused_resnet_report
+    assert len(report["fused"]) == 17 and report["left"] == {}, report
+    assert isinstance(fused.layer1[0], fr.FusedBottleneck)
+    assert isinstance(fused.conv1, fr.modules.FusedStem)
+    assert isinstance(fused.bn1, StemFrozenBatchNorm)
+    fr.unfuse_(fused)
+    assert type(fused.bn1) is FrozenBatchNorm2d and type(fused.layer1[0]) is \
+        torchvision.models.resnet.Bottleneck
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_resnet50_frozen_bn_eval_matches(memory_format):
+    fused, plain, ref = (m.eval().to(memory_format=memory_format)
+                         for m in _three(_resnet50_frozen()))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        _assert_close("eval logits", fused(x), plain(x), ref(x.double()))
+
+
+def test_resnet50_frozen_bn_training_step_matches():
+    """Train mode changes nothing for a frozen BN (no statistics, no buffer update), but the
+    convs learn: every conv weight's gradient flows through the folded weight."""
+    fused, plain, ref = (m.train() for m in _three(_resnet50_frozen()))
+    x, target = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    for model in (fused, plain, ref):
+        logits = model(x.to(next(model.parameters()).dtype))
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        model.logits = logits.detach()
+    _assert_close("train logits", fused.logits, plain.logits, ref.logits)
+    assert _assert_gradients(fused, plain, ref) == len(list(plain.parameters()))
+    for (name, b), c in zip(fused.named_buffers(), plain.buffers()):
+        assert torch.equal(b, c), f"{name} changed"
+
+
+def test_frozen_bn_state_dict_round_trips():
+    model = _resnet50_frozen()
+    fused = fr.fuse_(copy.deepcopy(model))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    other = _randomise_frozen(torchvision.models.resnet50(num_classes=10,
+                                                          norm_layer=FrozenBatchNorm2d))
+    fused.load_state_dict(other.state_dict())  # a checkpoint of the unfused model
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_close("after load_state_dict", fused.eval()(x), other.eval()(x),
+                      copy.deepcopy(other).double()(x.double()))
+    fresh = torchvision.models.resnet50(num_classes=10, norm_layer=FrozenBatchNorm2d)
+    fresh.load_state_dict(fused.state_dict())  # and the other way
+
+
+def _fpn_backbone():
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    _randomise_frozen(backbone)
+    return backbone
+
+
+def test_fpn_backbone_with_trainable_layers_matches():
+    """resnet_fpn_backbone: the body is an IntermediateLayerGetter (stem fused too); conv1 and
+    layer1 frozen (requires_grad False), layer2..4 trainable."""
+    fused, plain, ref = (m.train() for m in _three(_fpn_backbone()))
+    assert len(fused.fused_resnet_report["fused"]) == 17, fused.fused_resnet_report
+    assert isinstance(fused.body.conv1, fr.modules.FusedStem)
+    x = torch.randn(2, 3, 64, 64)
+    outs = [model(x.to(next(model.parameters()).dtype)) for model in (fused, plain, ref)]
+    assert list(outs[0]) == list(outs[1])
+    for key in outs[0]:
+        _assert_close(f"feature {key}", outs[0][key], outs[1][key], outs[2][key])
+    for model, out in zip((fused, plain, ref), outs):
+        sum(o.square().mean() for o in out.values()).backward()
+    assert _assert_gradients(fused, plain, ref) > 0
+    assert fused.body.layer1[0].conv1.weight.grad is None  # frozen stays frozen
+    assert fused.body.layer2[0].conv1.weight.grad is not None
+
+
+def _detection_batch(dtype):
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [30.0, 20.0, 90.0, 75.0]]),
+                "labels": torch.tensor([2, 1])}]
+    return [i.to(dtype) for i in images], \
+        [{"boxes": t["boxes"].to(dtype), "labels": t["labels"]} for t in targets]
+
+
+def test_faster_rcnn_training_step_matches():
+    """A Faster R-CNN training step on the FrozenBN FPN backbone: every loss and every
+    gradient against float64, within 4x the unfused detector's own error (the samplers' random
+    proposals seeded alike)."""
+    torch.manual_seed(0)
+    detector = FasterRCNN(_fpn_backbone(), num_classes=3, min_size=96, max_size=96)
+    models = _three(detector)
+    losses = []
+    for model in models:
+        model.train()
+        torch.manual_seed(1)  # the batch, and the samplers' draws
+        loss = model(*_detection_batch(next(model.parameters()).dtype))
+        sum(loss.values()).backward()
+        losses.append({key: value.detach() for key, value in loss.items()})
+    for key in losses[2]:
+        _assert_close(key, losses[0][key], losses[1][key], losses[2][key])
+    assert _assert_gradients(*models) >= 70  # the backbone's trainable convs, FPN, RPN, heads

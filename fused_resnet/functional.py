@@ -62,6 +62,34 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     return out
 
 
+def sync_batch_norm_add_relu(input: Tensor, residual: Optional[Tensor],
+                             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             weight: Optional[Tensor], bias: Optional[Tensor],
+                             momentum: Optional[float], eps: float, relu: bool,
+                             num_batches_tracked: Optional[Tensor], group, *, batch_mean: Tensor,
+                             batch_var: Tensor,
+                             running_stats_updates: Optional[list] = None) -> Tensor:
+    """batch_norm_add_relu in training with nn.SyncBatchNorm's statistics: those of the union of
+    every batch in the process group `group` (fused_resnet.ops.sync_bn_add_relu). batch_mean,
+    batch_var: this process's own batch statistics of `input` (the conv epilogue's). The
+    running statistics get the union's mean and unbiased variance. As nn.SyncBatchNorm, a
+    process's own batch may be empty or hold one value per channel."""
+    _check_arguments(input, residual, running_mean, running_var, weight, bias, True, momentum,
+                     num_batches_tracked, local_batch_size=False)
+    _check_batch_stats(input, batch_mean, batch_var, True)
+    input, residual = _autocast_common_dtype(input, residual)
+    out, mean, var, count = ops.sync_bn_add_relu.sync_bn_add_relu(
+        input, residual, weight, bias, batch_mean, batch_var, eps, relu, group)
+    if running_mean is not None:
+        update = RunningStatsUpdate(running_mean, running_var, num_batches_tracked, momentum,
+                                    mean, var, count)
+        if running_stats_updates is None:
+            apply_running_stats_updates([update])
+        else:
+            running_stats_updates.append(update)
+    return out
+
+
 def _empty_batch(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], relu: bool) -> Tensor:
     """relu(bn(input) + residual) of a batch without values, as PyTorch computes it: the kernels'
@@ -77,7 +105,7 @@ def _empty_batch(input: Tensor, residual: Optional[Tensor], weight: Optional[Ten
 
 
 def _check_arguments(input, residual, running_mean, running_var, weight, bias, training,
-                     momentum, num_batches_tracked):
+                     momentum, num_batches_tracked, local_batch_size=True):
     """Every problem found here is raised before any kernel runs, naming the argument."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm_add_relu: input must be a Tensor, got {type(input).__name__}")
@@ -120,7 +148,8 @@ def _check_arguments(input, residual, running_mean, running_var, weight, bias, t
     if not training and running_mean is None:
         raise RuntimeError("batch_norm_add_relu: running_mean must be defined in evaluation mode")
     if training:
-        verify_batch_size(input)
+        if local_batch_size:  # not for a synchronised BN: the group's batch is what counts
+            verify_batch_size(input)
         if momentum is None and running_mean is not None and num_batches_tracked is None:
             raise ValueError("batch_norm_add_relu: momentum=None (cumulative average) needs "
                              "num_batches_tracked")

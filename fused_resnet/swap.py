@@ -112,8 +112,10 @@ def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, 
     Conv2d -> BatchNorm2d -> ReLU (quiet: say nothing when they are not a triple at all)."""
     conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
     if isinstance(conv, FusedStem):
-        report["fused"].append(fqn)
-        return
+        if conv.bn_in_place():
+            report["fused"].append(fqn)
+            return
+        conv = conv.original()  # its BN was replaced since (convert_sync_batchnorm): fuse anew
     exact = type(conv) is nn.Conv2d and norms.why_not_fusable(bn) is None \
         and type(act) is nn.ReLU
     if not exact:
@@ -123,7 +125,7 @@ def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, 
     if filter_fn is not None and not filter_fn(conv, fqn):
         report["left"][fqn] = "excluded by filter_fn"
         return
-    stem, stem_bn = FusedStem.fuse(conv, bn)
+    stem, stem_bn = FusedStem.fuse(conv, bn_owner, bn_name)
     setattr(conv_owner, conv_name, stem)
     setattr(bn_owner, bn_name, stem_bn)
     report["fused"].append(fqn)

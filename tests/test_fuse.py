@@ -202,11 +202,27 @@ def test_filter_fn_selects_blocks():
     assert model.fused_resnet_report["left"]["layer2.0"] == "excluded by filter_fn"
 
 
-def test_sync_batchnorm_is_left_unfused():
+def test_sync_batchnorm_fuses_and_without_a_process_group_is_batchnorm():
+    """Outside torch.distributed, nn.SyncBatchNorm is nn.BatchNorm2d (its own fallback), so the
+    unfused SyncBatchNorm model is the reference here; synchronised training with two
+    processes is tests/test_sync_batchnorm.py's."""
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model("resnet18"))
-    fr.fuse_(model)
-    assert type(model.layer1[0]) is tv.BasicBlock
-    assert "SyncBatchNorm" in model.fused_resnet_report["left"]["layer1.0"]
+    fused, plain, ref = _three(model)
+    assert fused.fused_resnet_report["left"] == {} and len(fused.fused_resnet_report["fused"]) == 9
+    assert isinstance(fused.layer1[0], fr.FusedBasicBlock)
+    for step, ((logits, grads), (logits_p, grads_p), (logits_r, grads_r)) in \
+            _train_steps([fused, plain, ref], steps=2):
+        _assert_close_to_reference(f"step {step} logits", logits, logits_p, logits_r)
+        for (pname, _), g, gp, gr in zip(fused.named_parameters(), grads, grads_p, grads_r):
+            err, err_plain = normwise_error(g, gr), normwise_error(gp, gr)
+            assert err <= max(4 * err_plain, 0.1), f"step {step} grad {pname}: {err:.2e}"
+    for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, c), bname
+        else:
+            _assert_close_to_reference(bname, b, c, r)
+    fr.unfuse_(fused)
+    assert type(fused.layer1[0]) is tv.BasicBlock and type(fused.bn1) is torch.nn.SyncBatchNorm
 
 
 @pytest.mark.parametrize("name, kwargs, left", [

@@ -3,7 +3,8 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
 (conv_bn_relu_chain: a residual block's branch):
 
 - training (or BN without running stats): conv2d_bn_stats (BN statistics in the conv
-  epilogue); inside a chain, each next conv takes the previous raw conv output and applies
+  epilogue; an nn.SyncBatchNorm in a process group then normalises with the group's, see
+  fused_resnet.ops.sync_bn_add_relu, and hands on its activation rather than its statistics); inside a chain, each next conv takes the previous raw conv output and applies
   that BN + ReLU itself (bn_relu_conv2d_bn_stats, which keeps the conv output for backward but
   never the activation); the last BN runs batch_norm_add_relu with its statistics. Running
   stats and num_batches_tracked updated exactly as nn.BatchNorm2d, but only once the whole
@@ -115,9 +116,10 @@ def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
 class _Pending(NamedTuple):
     """A training BN whose statistics are known but whose relu(bn(z)) is not materialised."""
     z: Tensor
-    mean: Tensor
+    mean: Tensor  # this process's batch statistics
     var: Tensor
     bn: nn.BatchNorm2d
+    group: object = None  # the process group of a synchronised BN (norms.sync_group)
 
 
 def _with_conv_bias(conv: nn.Conv2d, z: Tensor, mean: Tensor):
@@ -131,10 +133,12 @@ def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d, updates: list) -> _
     """conv(x) and its batch statistics; x is a Tensor or a _Pending (the previous BN + ReLU
     applied on the way in). Puts bn's running-statistics update in `updates`."""
     stride, padding, dilation, groups = _conv_args(conv)
-    if isinstance(x, _Pending) and x.z.numel() == 0:
+    if isinstance(x, _Pending) and (x.z.numel() == 0 or x.group is not None):
         # The fused prologue's backward would give the previous BN's weight a NaN gradient on
-        # an empty batch (0 * rsqrt of the NaN variance of nothing); PyTorch's is zero.
-        x = _finish(x, None, True)
+        # an empty batch (0 * rsqrt of the NaN variance of nothing); PyTorch's is zero. A
+        # synchronised BN normalises with the group's statistics, which the prologue's backward
+        # (local sums) does not know.
+        x = _finish(x, None, True, updates)
     if isinstance(x, _Pending):
         z_in, weight = _autocast(x.z, conv.weight)
         p = x.bn
@@ -144,20 +148,28 @@ def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d, updates: list) -> _
         x, weight = _autocast(x, conv.weight)
         z, mean, var = ops.conv2d_bn_stats(x, weight, stride, padding, dilation, groups)
     z, mean = _with_conv_bias(conv, z, mean)
-    functional.verify_batch_size(z)
-    if bn.running_mean is not None:
-        updates.append(functional.running_stats_update(bn.running_mean, bn.running_var, mean,
-                                                       var, z, bn.momentum,
-                                                       bn.num_batches_tracked))
-    return _Pending(z, mean, var, bn)
+    group = norms.sync_group(bn)
+    if group is None:  # a synchronised BN's update needs the group's statistics: _finish
+        functional.verify_batch_size(z)
+        if bn.running_mean is not None:
+            updates.append(functional.running_stats_update(bn.running_mean, bn.running_var,
+                                                           mean, var, z, bn.momentum,
+                                                           bn.num_batches_tracked))
+    return _Pending(z, mean, var, bn, group)
 
 
-def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool) -> Tensor:
+def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool,
+            updates: list) -> Tensor:
     """relu(bn(z) + residual) with the batch statistics (running-stats update already
-    collected)."""
+    collected, or for a synchronised BN, collected here)."""
     z, bn = pending.z, pending.bn
     if residual is not None and residual.dtype != z.dtype:
         residual = residual.to(z.dtype)
+    if pending.group is not None:
+        return functional.sync_batch_norm_add_relu(
+            z, residual, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.momentum,
+            bn.eps, relu, bn.num_batches_tracked, pending.group, batch_mean=pending.mean,
+            batch_var=pending.var, running_stats_updates=updates)
     return functional.batch_norm_add_relu(
         z, residual, None, None, bn.weight, bn.bias, training=True, eps=bn.eps, relu=relu,
         batch_mean=pending.mean, batch_var=pending.var)
@@ -184,10 +196,10 @@ def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = 
                                        updates)
             continue
         if pending is not None:
-            x, pending = _finish(pending, None, True), None
+            x, pending = _finish(pending, None, True, updates), None
         x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache,
                         updates, residual_writable=last and residual_writable)
-    return x if pending is None else _finish(pending, residual, relu)
+    return x if pending is None else _finish(pending, residual, relu, updates)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
@@ -202,6 +214,11 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
         return functional.with_running_stats_updates(conv_bn_act, conv, bn, x, residual, relu,
                                                      cache, residual_writable=residual_writable)
     args = _conv_args(conv)
+    if args is None and norms.sync_group(bn) is not None:  # plain conv, synchronised BN
+        z = conv(x)
+        var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), correction=0)
+        return _finish(_Pending(z, mean, var, bn, norms.sync_group(bn)), residual, relu,
+                       updates)
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
             conv(x), residual, bn.running_mean, bn.running_var, bn.weight, bn.bias,
@@ -209,7 +226,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
             relu=relu, num_batches_tracked=norms.num_batches_tracked(bn),
             running_stats_updates=updates)
     if uses_batch_statistics(bn):
-        return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu)
+        return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu, updates)
     if prepacked_applies(conv, bn, x, residual, cache):
         return _conv_bn_act_prepacked(conv, bn, x, residual, relu, cache, residual_writable)
     stride, padding, dilation, groups = args

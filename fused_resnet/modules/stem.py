@@ -10,6 +10,7 @@ While the conv or the BN has hooks (or under FX tracing; see fused_resnet.module
 FusedStem returns the plain conv output and tells its BN, which then normalises as the original
 does: the hooks see what they saw before fusing."""
 
+import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -58,7 +59,16 @@ class StemFrozenBatchNorm(_StemNorm, FrozenBatchNorm2d):
     """bn1 of a fused stem over a torchvision FrozenBatchNorm2d."""
 
 
-_STEM_NORMS = {nn.BatchNorm2d: StemBatchNorm, FrozenBatchNorm2d: StemFrozenBatchNorm}
+class StemSyncBatchNorm(_StemNorm, nn.SyncBatchNorm):
+    """bn1 of a fused stem over an nn.SyncBatchNorm."""
+
+    def _check_input_dim(self, input):
+        if not unfused.fx_tracing(input):  # see StemBatchNorm
+            super()._check_input_dim(input)
+
+
+_STEM_NORMS = {nn.BatchNorm2d: StemBatchNorm, FrozenBatchNorm2d: StemFrozenBatchNorm,
+               nn.SyncBatchNorm: StemSyncBatchNorm}
 STEM_NORM_TYPES = tuple(_STEM_NORMS.values())
 
 
@@ -66,17 +76,44 @@ class FusedStem(nn.Conv2d):
     """conv1 of a fused stem: relu(bn1(conv1(x))) through the fused conv ops."""
 
     @classmethod
-    def fuse(cls, conv: nn.Conv2d, bn: nn.Module):
-        """(FusedStem, its BN) to put in place of (conv, bn); bn is an nn.BatchNorm2d or a
-        FrozenBatchNorm2d."""
+    def fuse(cls, conv: nn.Conv2d, bn_owner: nn.Module, bn_name: str):
+        """(FusedStem, its BN) to put in place of (conv, bn = bn_owner.<bn_name>); bn is an
+        nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d. The stem remembers where its BN
+        lives: a module put there later (convert_sync_batchnorm after fuse_) is not bypassed."""
+        bn = getattr(bn_owner, bn_name)
         stem, stem_bn = _share(cls, conv), _share(_STEM_NORMS[type(bn)], bn)
         stem.__dict__["_stem_bn"] = stem_bn  # not registered: it lives where bn was
+        stem.__dict__["_bn_place"] = (bn_owner, bn_name)
         stem.__dict__["_original"] = conv
         stem_bn.__dict__["_original"] = bn
         stem.__dict__["_fold_cache"] = {}
         return stem, stem_bn
 
+    def bn_in_place(self) -> bool:
+        """Whether the module where the stem's BN was is still that BN (not replaced since)."""
+        owner, name = self._bn_place
+        return getattr(owner, name, None) is self._stem_bn
+
+    def _adopt_new_bn(self) -> bool:
+        """The BN was replaced after fuse_ (convert_sync_batchnorm does that): take the new one
+        as the stem's BN, in its place, as fuse_ would. False when it cannot (not a BN this
+        fuses, or while compiling or tracing, which must not change the model): the module now
+        there then normalises by itself, after the plain conv."""
+        owner, name = self._bn_place
+        bn = getattr(owner, name, None)
+        if type(bn) not in _STEM_NORMS or torch.compiler.is_compiling() or \
+                torch.jit.is_tracing():
+            return False
+        stem_bn = _share(_STEM_NORMS[type(bn)], bn)
+        stem_bn.__dict__["_original"] = bn
+        setattr(owner, name, stem_bn)
+        self.__dict__["_stem_bn"] = stem_bn
+        self._fold_cache.clear()
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.bn_in_place() and not self._adopt_new_bn():
+            return super().forward(x)
         why = self._why_unfused(x)
         self._stem_bn.__dict__["_normalise_next"] = why is not None
         if why is not None:

@@ -93,9 +93,23 @@ def why_not(name: str, device_type: str) -> Optional[str]:
     raise ValueError(name)
 
 
+@functools.lru_cache(maxsize=None)
+def _auto(device_type: str, interpreted: bool) -> str:
+    """auto's answer (choose) for a device type: what is importable and built does not change
+    within a process; TRITON_INTERPRET can, so it is part of the key."""
+    if why_not("cpp", device_type) is None:
+        return "cpp"
+    # The Triton interpreter is a correctness tool, far slower than the reference: never auto.
+    if device_type == "cuda" and why_not("triton", device_type) is None:
+        return "triton"
+    return "torch"
+
+
 def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs an op on `device` for input of `dtype`."""
     name = requested()
+    if name == "auto" and dtype != torch.float64:  # the common case, once per kernel call
+        return _auto(device.type, triton_interpreted())
     if dtype == torch.float64:  # kernels are fp32/fp16/bf16; fp64 (gradcheck) is reference-only
         if name not in ("auto", "torch"):
             raise RuntimeError(f"fused_resnet: backend {name!r} does not support float64 input; "
@@ -107,9 +121,4 @@ def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
             raise RuntimeError(f"fused_resnet: backend {name!r} was requested but cannot run on "
                                f"{device.type}: {reason}")
         return name
-    if why_not("cpp", device.type) is None:
-        return "cpp"
-    # The Triton interpreter is a correctness tool, far slower than the reference: never auto.
-    if device.type == "cuda" and why_not("triton", device.type) is None:
-        return "triton"
-    return "torch"
+    return _auto(device.type, triton_interpreted())

@@ -47,7 +47,7 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
     if input.numel() == 0:
         out, mean, var = _empty_batch(input, residual, weight, bias, relu), None, None
     else:
-        out, _, mean, var = torch.ops.fused_resnet.bn_add_relu(
+        out, _, mean, var = ops.bn_add_relu.run(
             input, residual, weight, bias,
             None if training else running_mean, None if training else running_var,
             training, eps, relu, autograd_records(input, residual, weight, bias), batch_mean,

@@ -543,4 +543,7 @@ def test_fused_conv_bn_act_rejects_other_modules():
     with pytest.raises(TypeError, match="Sequential\\(Conv2d, BatchNorm2d"):
         fr.FusedConvBNAct.from_block(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)))
     with pytest.raises(TypeError, match="nn.BatchNorm2d"):
-        fr.FusedConvBNAct(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4))
+        fr.FusedConvBNAct(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))
+    # the norms a fused step takes (fused_resnet.modules.norms)
+    fr.FusedConvBNAct(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4))
+    fr.FusedConvBNAct(torch.nn.Conv2d(3, 4, 1), torchvision.ops.misc.FrozenBatchNorm2d(4))

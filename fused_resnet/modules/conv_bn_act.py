@@ -31,7 +31,7 @@ from fused_resnet import fold, functional, layout
 from fused_resnet.ops import conv as conv_ops
 from fused_resnet.modules import norms
 from fused_resnet.modules.norms import uses_batch_statistics
-from fused_resnet.ops import conv_mkldnn
+from fused_resnet.ops import bn_relu_conv, conv_mkldnn
 
 ops = torch.ops.fused_resnet
 
@@ -142,11 +142,12 @@ def _conv_with_stats(conv: nn.Conv2d, x, bn: nn.BatchNorm2d, updates: list) -> _
     if isinstance(x, _Pending):
         z_in, weight = _autocast(x.z, conv.weight)
         p = x.bn
-        z, mean, var = ops.bn_relu_conv2d_bn_stats(z_in, p.weight, p.bias, x.mean, x.var, p.eps,
-                                                   weight, stride, padding, dilation, groups)
+        z, mean, var = bn_relu_conv.run(z_in, p.weight, p.bias, x.mean, x.var, p.eps, weight,
+                                        stride, padding, dilation, groups)
     else:
         x, weight = _autocast(x, conv.weight)
-        z, mean, var = ops.conv2d_bn_stats(x, weight, stride, padding, dilation, groups)
+        z, mean, var = conv_ops.run_conv2d_bn_stats(x, weight, stride, padding, dilation,
+                                                    groups)
     z, mean = _with_conv_bias(conv, z, mean)
     group = norms.sync_group(bn)
     if group is None:  # a synchronised BN's update needs the group's statistics: _finish

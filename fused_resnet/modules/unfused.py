@@ -64,8 +64,13 @@ def global_hooks(*names: str) -> bool:
 
 
 def hooked_inner(module: nn.Module) -> bool:
-    """Whether any of module's submodules (not module itself) has call hooks."""
-    return any(has_call_hooks(sub) for sub in module.modules() if sub is not module)
+    """Whether any of module's submodules (not module itself) has call hooks. (A plain walk
+    over _modules: named_modules' prefixes and memo set cost more than the check, which runs
+    on every call of every fused block.)"""
+    for sub in module._modules.values():
+        if sub is not None and (has_call_hooks(sub) or hooked_inner(sub)):
+            return True
+    return False
 
 
 def _hooked_names(module: nn.Module) -> list:

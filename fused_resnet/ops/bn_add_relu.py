@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fused_resnet import _extension, backend, layout, reference
+from fused_resnet.ops import eager
 
 PIECES = ("bn_stats", "bn_add_relu_apply", "bn_add_relu_grad_reduce", "bn_add_relu_grad_apply")
 
@@ -158,6 +159,12 @@ def bn_add_relu(input: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     if save_mask (backward needs it, inference does not). batch_mean/batch_var: the batch
     statistics of `input` when already computed (a conv epilogue, conv2d_bn_stats); training
     only. Backward differentiates through them either way."""
+    return _forward_pieces(input, residual, weight, bias, running_mean, running_var, training,
+                           eps, relu, save_mask, batch_mean, batch_var)
+
+
+def _forward_pieces(input, residual, weight, bias, running_mean, running_var, training, eps,
+                    relu, save_mask, batch_mean=None, batch_var=None):
     # The pieces run through _run directly, not through their custom ops: one Python dispatch
     # layer less per piece (this op is already opaque to autograd and torch.compile).
     if training and batch_mean is not None:
@@ -190,6 +197,23 @@ def bn_add_relu_backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Te
                          param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of bn_add_relu. grad_residual is empty unless residual_grad; grad_weight and
     grad_bias (fp32) are empty unless param_grads."""
+    return _backward_pieces(grad_out, input, mask, mean, var, weight, training, eps, relu,
+                            residual_grad, param_grads)
+
+
+def backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Tensor, var: Tensor,
+             weight: Optional[Tensor], training: bool, eps: float, relu: bool,
+             residual_grad: bool, param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_add_relu_backward, for backward formulas: the op itself where it must be traced, its
+    implementation called directly in plain eager (fused_resnet.ops.eager)."""
+    run = _backward_pieces if eager.plain_eager_backward(grad_out, input, mask, mean, var,
+                                                         weight) else bn_add_relu_backward
+    return run(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad,
+               param_grads)
+
+
+def _backward_pieces(grad_out, input, mask, mean, var, weight, training, eps, relu,
+                     residual_grad, param_grads):
     if training or param_grads:
         k, b, c, grad_weight, grad_bias = _run("bn_add_relu_grad_reduce", input, grad_out, mask,
                                                input, mean, var, weight, eps, relu, training)
@@ -231,7 +255,7 @@ def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
         return (None,) * len(ctx.needs_input_grad)
     input, mask, mean, var, weight = ctx.saved_tensors
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-    grad_input, grad_residual, grad_weight, grad_bias = bn_add_relu_backward(
+    grad_input, grad_residual, grad_weight, grad_bias = backward(
         grad_out, input, mask, mean, var, weight, ctx.training, ctx.eps, ctx.relu,
         ctx.has_residual and need_residual, need_weight or need_bias)
     return (
@@ -244,3 +268,12 @@ def _backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
 
 
 bn_add_relu.register_autograd(_backward, setup_context=_setup_context)
+_EAGER = eager.function("BNAddReLU", _forward_pieces, _setup_context, _backward)
+
+
+def run(input, residual, weight, bias, running_mean, running_var, training, eps, relu,
+        save_mask, batch_mean, batch_var):
+    """bn_add_relu(...): the op, or in plain eager mode the same computation without the
+    dispatcher's Python layers (fused_resnet.ops.eager)."""
+    return eager.call(bn_add_relu, _EAGER, input, residual, weight, bias, running_mean,
+                      running_var, training, eps, relu, save_mask, batch_mean, batch_var)

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from fused_resnet import layout, reference
 from fused_resnet.ops import conv as conv_ops
-from fused_resnet.ops.bn_add_relu import _run, bn_add_relu_backward
+from fused_resnet.ops import bn_add_relu, eager
+from fused_resnet.ops.bn_add_relu import _run
 
 ops = torch.ops.fused_resnet
 
@@ -76,7 +77,9 @@ def dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride, pad
 
     def library():
         activation, _ = _run("bn_add_relu_apply", input, input, None, scale, shift, True, False)
-        return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+        # inside this op's implementation: the conv op's implementation, not the op again
+        return conv_ops.conv2d_bn_stats_forward(activation, weight, stride, padding, dilation,
+                                                groups)
 
     candidates = {"library": library}
     if input.dtype != torch.float64:
@@ -91,6 +94,12 @@ def bn_relu_conv2d_bn_stats(input: Tensor, bn_weight: Optional[Tensor], bn_bias:
                             mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                             stride: list[int], padding: list[int], dilation: list[int],
                             groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
+                    groups)
+
+
+def _forward(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
+             groups):
     candidates, conv = dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride,
                                      padding, dilation, groups)
     return candidates[conv_ops.choose_path("bn_relu_conv", candidates, *conv)]()
@@ -126,7 +135,7 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
     del activation  # only the conv's weight gradient needed it
     grad_input = grad_bn_weight = grad_bn_bias = None
     if need_bn:
-        grad_input, _, grad_bn_weight, grad_bn_bias = bn_add_relu_backward(
+        grad_input, _, grad_bn_weight, grad_bn_bias = bn_add_relu.backward(
             grad_activation, input, mask, mean, var, bn_weight, True, ctx.eps, True, False,
             need_bn_weight or need_bn_bias)
     return (grad_input if need_input else None,
@@ -136,3 +145,11 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
 
 
 bn_relu_conv2d_bn_stats.register_autograd(_backward, setup_context=_setup_context)
+_EAGER = eager.function("BNReLUConv2dBNStats", _forward, _setup_context, _backward)
+
+
+def run(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups):
+    """bn_relu_conv2d_bn_stats(...): the op, or in plain eager mode the same computation
+    without the dispatcher's Python layers (fused_resnet.ops.eager)."""
+    return eager.call(bn_relu_conv2d_bn_stats, _EAGER, input, bn_weight, bn_bias, mean, var, eps,
+                      weight, stride, padding, dilation, groups)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_resnet import _extension, backend, devices, layout, tuning
-from fused_resnet.ops import conv_mkldnn
+from fused_resnet.ops import conv_mkldnn, eager
 from fused_resnet.ops.bn_add_relu import _run
 
 
@@ -547,6 +547,11 @@ def _stats_plan(input, weight, stride, padding, dilation, groups):
 @torch.library.custom_op("fused_resnet::conv2d_bn_stats", mutates_args=())
 def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                     dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    return conv2d_bn_stats_forward(input, weight, stride, padding, dilation, groups)
+
+
+def conv2d_bn_stats_forward(input, weight, stride, padding, dilation, groups):
+    """conv2d_bn_stats's implementation (for another op's implementation to call directly)."""
     candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
     return candidates[choose_path("bn_stats", candidates, *conv)]()
 
@@ -578,6 +583,15 @@ def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):
 
 
 conv2d_bn_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+_STATS_EAGER = eager.function("Conv2dBNStats", conv2d_bn_stats_forward, _stats_setup_context,
+                              _stats_backward)
+
+
+def run_conv2d_bn_stats(input, weight, stride, padding, dilation, groups):
+    """conv2d_bn_stats(...): the op, or in plain eager mode the same computation without the
+    dispatcher's Python layers (fused_resnet.ops.eager)."""
+    return eager.call(conv2d_bn_stats, _STATS_EAGER, input, weight, stride, padding, dilation,
+                      groups)
 
 
 # ---- autograd of conv2d_epilogue (fine-tuning with frozen, folded BN) -----------------------------

@@ -105,6 +105,7 @@ def _auto(device_type: str, interpreted: bool) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result  # traced code takes the answer, not os.environ reads
 def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs an op on `device` for input of `dtype`."""
     name = requested()

@@ -35,11 +35,15 @@ def guarded() -> bool:
 
 
 def launches_on_input_device(launcher):
-    """Decorator of a kernel launcher: runs it on its first tensor argument's device."""
+    """Decorator of a kernel launcher: runs it on its first tensor argument's device. Not while
+    tracing (fake or functional tensors: torch.compile tracing into a triton_op): nothing is
+    launched then, and the traced launch records its tensors' device itself."""
     @functools.wraps(launcher)
     def run(*args, **kwargs):
         first = next(a for a in list(args) + list(kwargs.values())
                      if isinstance(a, torch.Tensor))
+        if type(first) is not torch.Tensor and type(first) is not torch.nn.Parameter:
+            return launcher(*args, **kwargs)
         with on_device(first):
             return launcher(*args, **kwargs)
     return run

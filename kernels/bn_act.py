@@ -5,11 +5,17 @@ Tensors are dense and seen in memory order as [outer, C, inner] (fused_resnet.la
 channel of memory offset i is (i // inner) % C, so one kernel serves NCHW (inner = H*W) and
 NHWC (inner = 1). Arithmetic in fp32; indices in int64. Reductions are two-level: fp32 partial
 results per (split, channel), then merged in a fixed order (deterministic, no atomics).
+
+The launchers are the bodies of the torch.library.triton_op pieces
+(fused_resnet/ops/bn_add_relu.py), which torch.compile and torch.export trace into: while they
+trace, each launch goes through torch.library.wrap_triton and becomes a graph node Inductor
+compiles and AOTInductor packages (_launch); run eagerly, the kernel is launched as it is.
 """
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fused_resnet import devices, layout, reference
 
@@ -274,6 +280,15 @@ def _grad_apply_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, k_ptr, b_ptr, c_ptr,
 # Launchers: same signatures and results as fused_resnet.reference.
 
 
+def _launch(kernel, like: torch.Tensor):
+    """The kernel to index with a grid and call: itself, or while a trace runs the launcher (its
+    tensors fake or functional: torch.compile / torch.export tracing into the triton_ops) its
+    wrap_triton, which records the launch as a graph node. (wrap_triton outside a trace would
+    go through a dispatcher op, which launches nothing on meta tensors, where fused_resnet.aot
+    records launches.)"""
+    return kernel if type(like) is torch.Tensor else wrap_triton(kernel)
+
+
 def _reduction_plan(x: torch.Tensor):
     """Geometry, tiles and splits of a reduction. NHWC splits cover whole row tiles; NCHW
     splits whole images (so a tile never straddles two planes)."""
@@ -312,7 +327,7 @@ def merge_partial_stats(mean_part: torch.Tensor, m2_part: torch.Tensor, per_chan
     split_dim = 1 if channel_major else 0
     mean = torch.empty(channels, dtype=torch.float32, device=mean_part.device)
     var = torch.empty_like(mean)
-    _stats_final_kernel[(triton.cdiv(channels, block_c),)](
+    _launch(_stats_final_kernel, mean_part)[(triton.cdiv(channels, block_c),)](
         mean_part, m2_part, mean, var, channels, per_channel, rows_per_split, splits,
         mean_part.stride(split_dim), mean_part.stride(1 - split_dim),
         BLOCK_P=block_p, BLOCK_C=block_c)
@@ -325,7 +340,7 @@ def bn_stats(input: torch.Tensor, weight, bias, eps):
     g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
     mean_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
     m2_part = torch.empty_like(mean_part)
-    _stats_partial_kernel[(tiles, splits)](
+    _launch(_stats_partial_kernel, x)[(tiles, splits)](
         x, mean_part, m2_part, g.channels, g.inner, g.per_channel, rows,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_HW=block_hw,
         CHANNELS_LAST=layout.is_channels_last(x))
@@ -344,7 +359,7 @@ def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     block = _elementwise_block(x)
     numel = x.numel()
     if numel:
-        _apply_kernel[(triton.cdiv(numel, block),)](
+        _launch(_apply_kernel, x)[(triton.cdiv(numel, block),)](
             x, res, scale.contiguous(), shift.contiguous(), out, mask if save_mask else out,
             numel, g.channels, g.inner, HAS_RESIDUAL=residual is not None, RELU=relu,
             SAVE_MASK=save_mask, BLOCK=block)
@@ -358,7 +373,7 @@ def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, tra
     g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
     sum_dz_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
     sum_dzxmu_part = torch.empty_like(sum_dz_part)
-    _grad_reduce_partial_kernel[(tiles, splits)](
+    _launch(_grad_reduce_partial_kernel, x)[(tiles, splits)](
         grad, mask if relu else grad, x, mean.contiguous(), sum_dz_part, sum_dzxmu_part,
         g.channels, g.inner, g.per_channel, rows, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_HW=block_hw, CHANNELS_LAST=layout.is_channels_last(x))
@@ -376,7 +391,7 @@ def bn_add_relu_grad_apply(grad, mask, input, mean, k, b, c, relu, residual_grad
     block = _elementwise_block(x)
     numel = x.numel()
     if numel:
-        _grad_apply_kernel[(triton.cdiv(numel, block),)](
+        _launch(_grad_apply_kernel, x)[(triton.cdiv(numel, block),)](
             grad, mask if relu else grad, x, mean.contiguous(), k.contiguous(), b.contiguous(),
             c.contiguous(), dx, dres if residual_grad else dx, numel, g.channels, g.inner,
             RELU=relu, RESIDUAL_GRAD=residual_grad, BLOCK=block)

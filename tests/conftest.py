@@ -42,3 +42,14 @@ def cpu_backend_params():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def randomise_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial parameters and running statistics for every BatchNorm2d of `model` (the
+    defaults are an identity map, which would hide a missing or misplaced BN term)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model

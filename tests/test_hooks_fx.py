@@ -18,6 +18,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import fused_resnet as fr
+from conftest import randomise_batchnorms
 from fused_resnet.verify import compare
 
 
@@ -27,12 +28,7 @@ def _model(name="resnet50"):
         model = timm.create_model(name[5:], pretrained=False, num_classes=10)
     else:
         model = getattr(torchvision.models, name)(num_classes=10)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomise_batchnorms(model)
 
 
 def _pair(name="resnet50", train=False):

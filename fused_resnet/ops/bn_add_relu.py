@@ -37,6 +37,11 @@ def _run(piece: str, input: Tensor, *args):
     name = backend.choose(input.device, input.dtype)
     if name == "torch":
         return getattr(reference, piece)(*args)
+    if name == "triton" and input.device.type == "cpu" and type(input) is not Tensor:
+        # Traced (fake or functional tensors) under the CPU interpreter, whose kernels cannot
+        # be traced into: the piece's opaque dispatching op, which runs the Triton piece later
+        # on real tensors
+        return getattr(torch.ops.fused_resnet, piece)(*args)
     # Each kernel runs on its tensors' device itself (the C++ glue's CUDAGuard, the Triton
     # launchers' devices.on_device)
     return getattr(torch.ops.fused_resnet, f"{piece}_{name}")(*args)
@@ -97,28 +102,30 @@ def bn_add_relu_grad_apply(grad: Tensor, mask: Tensor, input: Tensor, mean: Tens
 
 
 # ---- Triton backend: one op per piece (kernels in fused_resnet.kernels.bn_act) --------------
-# Plain custom ops with fakes rather than torch.library.triton_op: they only ever run inside the
-# (opaque) dispatching ops above, so torch.compile gains nothing from tracing into them, and
-# triton_op's functional decomposition cannot run under the CPU interpreter (TRITON_INTERPRET=1)
-# that tests them here.
+# torch.library.triton_op: torch.compile and torch.export trace into them (each launch a graph
+# node Inductor compiles and AOTInductor packages) wherever they are called while tracing: on
+# CUDA with the Triton backend, bn_add_relu traces as its pieces (see run and backward). Their
+# fakes are the shape functions below (_register_fakes). Called eagerly, and under the CPU
+# interpreter (TRITON_INTERPRET=1, whose kernels cannot be traced: they read data pointers),
+# they launch as plain functions.
 def _triton_kernels():
     from fused_resnet.kernels import bn_act  # imports triton: only when the backend runs
     return bn_act
 
 
-@torch.library.custom_op("fused_resnet::bn_stats_triton", mutates_args=())
+@torch.library.triton_op("fused_resnet::bn_stats_triton", mutates_args=())
 def bn_stats_triton(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _triton_kernels().bn_stats(input, weight, bias, eps)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
+@torch.library.triton_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
 def bn_add_relu_apply_triton(input: Tensor, residual: Optional[Tensor], scale: Tensor,
                              shift: Tensor, relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
     return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu, save_mask)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
+@torch.library.triton_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
 def bn_add_relu_grad_reduce_triton(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
                                    var: Tensor, weight: Optional[Tensor], eps: float, relu: bool,
                                    training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
@@ -127,7 +134,7 @@ def bn_add_relu_grad_reduce_triton(grad: Tensor, mask: Tensor, input: Tensor, me
                                                      relu, training)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_grad_apply_triton", mutates_args=())
+@torch.library.triton_op("fused_resnet::bn_add_relu_grad_apply_triton", mutates_args=())
 def bn_add_relu_grad_apply_triton(grad: Tensor, mask: Tensor, input: Tensor, mean: Tensor,
                                   k: Tensor, b: Tensor, c: Tensor, relu: bool,
                                   residual_grad: bool) -> tuple[Tensor, Tensor]:
@@ -138,6 +145,8 @@ def bn_add_relu_grad_apply_triton(grad: Tensor, mask: Tensor, input: Tensor, mea
 def _register_fakes():
     for piece, fake in _FAKES.items():
         torch.library.register_fake(f"fused_resnet::{piece}")(fake)
+        # replaces the triton_op's default fake (its own body), which cannot run under the CPU
+        # interpreter; tracing still decomposes the op into its launches
         torch.library.register_fake(f"fused_resnet::{piece}_triton")(fake)
         if _extension.available():
             torch.library.register_fake(f"fused_resnet::{piece}_cpp")(fake)
@@ -204,10 +213,12 @@ def bn_add_relu_backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Te
 def backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Tensor, var: Tensor,
              weight: Optional[Tensor], training: bool, eps: float, relu: bool,
              residual_grad: bool, param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """bn_add_relu_backward, for backward formulas: the op itself where it must be traced, its
-    implementation called directly in plain eager (fused_resnet.ops.eager)."""
-    run = _backward_pieces if eager.plain_eager_backward(grad_out, input, mask, mean, var,
-                                                         weight) else bn_add_relu_backward
+    """bn_add_relu_backward, for backward formulas: its implementation called directly in plain
+    eager (fused_resnet.ops.eager) and where tracing should see the Triton pieces
+    (pieces_traced), else the op itself."""
+    direct = eager.plain_eager_backward(grad_out, input, mask, mean, var, weight) or \
+        pieces_traced(input)
+    run = _backward_pieces if direct else bn_add_relu_backward
     return run(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad,
                param_grads)
 
@@ -271,9 +282,22 @@ bn_add_relu.register_autograd(_backward, setup_context=_setup_context)
 _EAGER = eager.function("BNAddReLU", _forward_pieces, _setup_context, _backward)
 
 
+def pieces_traced(input: Tensor) -> bool:
+    """Whether torch.compile / torch.export, tracing, should see bn_add_relu as its pieces (the
+    Triton backend's are triton_ops, whose launches they trace into) rather than as one opaque
+    op: on CUDA where the Triton backend runs the pieces. Elsewhere the pieces are C++ or
+    reference ops, which gain nothing from being traced one by one."""
+    return input.device.type == "cuda" and not eager.plain_eager(input) and \
+        backend.choose(input.device, input.dtype) == "triton"
+
+
 def run(input, residual, weight, bias, running_mean, running_var, training, eps, relu,
         save_mask, batch_mean, batch_var):
     """bn_add_relu(...): the op, or in plain eager mode the same computation without the
-    dispatcher's Python layers (fused_resnet.ops.eager)."""
-    return eager.call(bn_add_relu, _EAGER, input, residual, weight, bias, running_mean,
-                      running_var, training, eps, relu, save_mask, batch_mean, batch_var)
+    dispatcher's Python layers (fused_resnet.ops.eager); traced as its Triton pieces where
+    pieces_traced says so."""
+    args = (input, residual, weight, bias, running_mean, running_var, training, eps, relu,
+            save_mask, batch_mean, batch_var)
+    if pieces_traced(input):
+        return _EAGER.apply(*args)
+    return eager.call(bn_add_relu, _EAGER, *args)

@@ -1,7 +1,10 @@
-"""FrozenBatchNorm2d (torchvision.ops.misc), the norm of every pretrained torchvision detection
+"""Detection and segmentation backbones.
+
+FrozenBatchNorm2d (torchvision.ops.misc), the norm of every pretrained torchvision detection
 backbone: fused and folded into the conv in training and eval, the convs still learning through
 the folded weight. ResNet-50 with FrozenBN, an FPN backbone with frozen and trainable layers,
-and a Faster R-CNN training step, each against the unfused model and float64."""
+a Faster R-CNN training step and a RetinaNet, and a DeepLabV3 (dilated ResNet-50 body with
+BatchNorm2d), each against the unfused model and float64."""
 
 import copy
 
@@ -13,6 +16,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fused_resnet as fr
+from conftest import randomise_batchnorms
 from fused_resnet.modules import StemFrozenBatchNorm
 from fused_resnet.verify import compare, normwise_error
 
@@ -160,3 +164,50 @@ def test_faster_rcnn_training_step_matches():
     for key in losses[2]:
         _assert_close(key, losses[0][key], losses[1][key], losses[2][key])
     assert _assert_gradients(*models) >= 70  # the backbone's trainable convs, FPN, RPN, heads
+
+
+def test_retinanet_eval_matches():
+    """RetinaNet's backbone: layers 2-4 returned, P6/P7 extra blocks; FrozenBN."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    backbone = _randomise_frozen(resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+        trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)))
+    detector = RetinaNet(backbone, num_classes=3, min_size=96, max_size=96).eval()
+    models = _three(detector)
+    assert len(models[0].fused_resnet_report["fused"]) == 17
+    images = [torch.rand(3, 96, 96)]
+    with torch.no_grad():
+        features = [m.backbone(torch.stack(images).to(next(m.parameters()).dtype))
+                    for m in models]
+        detections = [m([i.to(next(m.parameters()).dtype) for i in images]) for m in models]
+    for key in features[0]:
+        _assert_close(f"feature {key}", features[0][key], features[1][key], features[2][key])
+    # the same boxes come out (scores are compared; a rounding-level change of a score near
+    # the threshold could drop a box, which this seed does not)
+    assert detections[0][0]["boxes"].shape == detections[1][0]["boxes"].shape
+    _assert_close("scores", detections[0][0]["scores"], detections[1][0]["scores"],
+                  detections[2][0]["scores"])
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_deeplabv3_matches(train):
+    """DeepLabV3 with the aux head: a dilated ResNet-50 body (replace_stride_with_dilation)
+    with BatchNorm2d, layer3 and layer4 returned."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(0)
+    model = randomise_batchnorms(deeplabv3_resnet50(weights=None, weights_backbone=None,
+                                                    num_classes=3, aux_loss=True)).train(train)
+    models = _three(model)
+    assert len(models[0].fused_resnet_report["fused"]) == 17, models[0].fused_resnet_report
+    x = torch.randn(2, 3, 64, 64)
+    outs = [m(x.to(next(m.parameters()).dtype)) for m in models]
+    for key in ("out", "aux"):
+        _assert_close(key, outs[0][key].detach(), outs[1][key].detach(), outs[2][key].detach())
+    if train:
+        for m, out in zip(models, outs):
+            (out["out"].square().mean() + out["aux"].square().mean()).backward()
+        assert _assert_gradients(*models) == len(list(model.parameters()))

@@ -12,10 +12,10 @@ from torchvision.models import resnet as tv
 from fused_resnet import functional
 from fused_resnet.models import PlainBlock
 from fused_resnet.modules import norms, unfused
+from fused_resnet.ops import conv as conv_ops
 from fused_resnet.modules.conv_bn_act import (conv_bn_act, conv_bn_relu_chain, folded_weights,
                                               prepacked_applies)
 
-ops = torch.ops.fused_resnet
 
 
 def timm_resnet():
@@ -254,8 +254,9 @@ class FusedBottleneck(FusedBlock):
             x = pool(x)
         w3, b3 = folded_weights(self.conv3, self.bn3, self._caches["3"])
         wd, bd = folded_weights(conv_d, bn_d, self._caches["downsample"])
-        return ops.conv2d_dual_epilogue(out, w3.to(out.dtype), [1, 1], [0, 0], x.to(out.dtype),
-                                        wd.to(out.dtype), conv_d.stride[0], b3 + bd, True)
+        return conv_ops.run_conv2d_dual_epilogue(out, w3.to(out.dtype), [1, 1], [0, 0],
+                                                 x.to(out.dtype), wd.to(out.dtype),
+                                                 conv_d.stride[0], b3 + bd, True)
 
 
 def _timm_block(name: str) -> type:

@@ -4,15 +4,16 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
 
 - training (or BN without running stats): conv2d_bn_stats (BN statistics in the conv
   epilogue; an nn.SyncBatchNorm in a process group then normalises with the group's, see
-  fused_resnet.ops.sync_bn_add_relu, and hands on its activation rather than its statistics); inside a chain, each next conv takes the previous raw conv output and applies
+  fused_resnet.ops.sync_bn_add_relu, and hands on its activation rather than its
+  statistics); inside a chain, each next conv takes the previous raw conv output and applies
   that BN + ReLU itself (bn_relu_conv2d_bn_stats, which keeps the conv output for backward but
   never the activation); the last BN runs batch_norm_add_relu with its statistics. Running
   stats and num_batches_tracked updated exactly as nn.BatchNorm2d, but only once the whole
   step or chain (or, given `updates`, the caller: a block) has run, so that an exception
   leaves every buffer as it was. An empty batch takes the unfused ops (see _conv_with_stats).
 - eval (and FrozenBatchNorm2d always, see fused_resnet.modules.norms): BN folded into the
-  conv weights (fp32 math; differentiable when the conv's weight is trained), conv2d_epilogue with the shift, the
-  residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
+  conv weights (fp32 math; differentiable when the conv's weight is trained),
+  conv2d_epilogue with the shift, the residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
   parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
   On CPU, in inference (nothing for autograd to record, not traced), where the ops would run
   oneDNN's fused conv anyway, the module calls it directly with the folded weight prepacked
@@ -33,7 +34,6 @@ from fused_resnet.modules import norms
 from fused_resnet.modules.norms import uses_batch_statistics
 from fused_resnet.ops import bn_relu_conv, conv_mkldnn
 
-ops = torch.ops.fused_resnet
 
 
 def _conv_args(conv: nn.Conv2d):
@@ -237,8 +237,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
         weight = weight.to(x.dtype)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
-    return ops.conv2d_epilogue(x, weight, stride, padding, dilation, groups, None, shift,
-                               residual, relu)
+    return conv_ops.run_conv2d_epilogue(x, weight, stride, padding, dilation, groups, None,
+                                        shift, residual, relu)
 
 
 class FusedConvBNAct(nn.Module):

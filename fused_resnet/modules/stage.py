@@ -8,12 +8,13 @@ into a newly allocated output: one allocation and one output's worth of cold mem
 block. FusedSequential is that nn.Sequential, saying so to the block it calls.
 
 It says so only when it can prove it: the previous module is a fused block (whose output is a
-tensor it created) without forward hooks on it or on its inner modules, the next one is a fused block without forward
-pre-hooks, no global module hooks are registered (any of those could keep the tensor), the
-tensor is a plain Tensor that autograd does not record (backward may need it), and nothing is
-tracing or compiling (a graph decides its own buffers). The stage's own input is never donated:
-the caller holds it. Same children, state_dict keys and hooks as the nn.Sequential it was;
-fuse_ changes the class of the Sequential in place and unfuse_ changes it back.
+tensor it created) without forward hooks on it or on its inner modules, the next one is a fused
+block without forward pre-hooks, no global module hooks are registered (any of those could keep
+the tensor), the tensor is a plain Tensor that autograd does not record (backward may need it),
+and nothing is tracing or compiling (a graph decides its own buffers). The stage's own input is
+never donated: the caller holds it. Same children, state_dict keys and hooks as the
+nn.Sequential it was; fuse_ changes the class of the Sequential in place and unfuse_ changes it
+back.
 """
 
 import torch

@@ -387,6 +387,12 @@ def _epilogue_plan(input, weight, stride, padding, dilation, groups, scale, bias
 def conv2d_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                     dilation: list[int], groups: int, scale: Optional[Tensor],
                     bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+    return _epilogue_forward(input, weight, stride, padding, dilation, groups, scale, bias,
+                             residual, relu)
+
+
+def _epilogue_forward(input, weight, stride, padding, dilation, groups, scale, bias, residual,
+                      relu):
     candidates, conv = _epilogue_plan(input, weight, stride, padding, dilation, groups, scale,
                                       bias, residual, relu)
     return candidates[choose_path("epilogue", candidates, *conv)]()
@@ -498,6 +504,12 @@ def _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
 def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                          shortcut_input: Tensor, shortcut_weight: Tensor, shortcut_stride: int,
                          bias: Optional[Tensor], relu: bool) -> Tensor:
+    return _dual_forward(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                         shortcut_stride, bias, relu)
+
+
+def _dual_forward(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                  shortcut_stride, bias, relu):
     _check_dual(input, weight, stride, padding, shortcut_input, shortcut_weight,
                 shortcut_stride)
     candidates, conv = _dual_plan(input, weight, stride, padding, shortcut_input,
@@ -505,6 +517,15 @@ def conv2d_dual_epilogue(input: Tensor, weight: Tensor, stride: list[int], paddi
     if len(candidates) == 1:
         return candidates["library"]()
     return candidates[choose_path("dual", candidates, *conv)]()
+
+
+def run_conv2d_dual_epilogue(input, weight, stride, padding, shortcut_input, shortcut_weight,
+                             shortcut_stride, bias, relu):
+    """conv2d_dual_epilogue(...) (inference only): the op, or in plain eager mode its
+    implementation without the dispatcher's Python layers (fused_resnet.ops.eager)."""
+    return eager.call_inference(conv2d_dual_epilogue, _dual_forward, input, weight, stride,
+                                padding, shortcut_input, shortcut_weight, shortcut_stride, bias,
+                                relu)
 
 
 @conv2d_dual_epilogue.register_fake
@@ -626,6 +647,16 @@ def _epilogue_backward(ctx, grad_out):
 
 
 conv2d_epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
+_EPILOGUE_EAGER = eager.function("Conv2dEpilogue", _epilogue_forward, _epilogue_setup_context,
+                                 _epilogue_backward)
+
+
+def run_conv2d_epilogue(input, weight, stride, padding, dilation, groups, scale, bias, residual,
+                        relu):
+    """conv2d_epilogue(...): the op, or in plain eager mode the same computation without the
+    dispatcher's Python layers (fused_resnet.ops.eager)."""
+    return eager.call(conv2d_epilogue, _EPILOGUE_EAGER, input, weight, stride, padding, dilation,
+                      groups, scale, bias, residual, relu)
 
 
 # ---- what the ops choose from (static analysis: fused_resnet.aot) --------------------------------

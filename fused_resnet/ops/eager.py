@@ -77,3 +77,11 @@ def call(op, eager_function: type, *args):
     if _records(args):
         return eager_function.apply(*args)
     return eager_function.impl(*args)
+
+
+def call_inference(op, impl: Callable, *args):
+    """op(*args) for an op without an autograd formula: its implementation alone in plain eager
+    mode with nothing for autograd to record, else the op (which then says what it lacks)."""
+    if plain_eager(*args) and not _records(args):
+        return impl(*args)
+    return op(*args)

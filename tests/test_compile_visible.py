@@ -75,19 +75,20 @@ _TRACE = textwrap.dedent('''
 ''')
 
 
-def _trace_on_fake_cuda():
+def _trace_on_fake_cuda(cwd):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FUSED_RESNET_BACKEND"] = "triton"
+    # not from the repository root: `python -c` would import its unbuilt source tree
     done = subprocess.run([sys.executable, "-c", _TRACE], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=os.path.dirname(__file__) + "/..")
+                          text=True, timeout=600, cwd=cwd)
     assert done.returncode == 0, done.stderr[-4000:]
     import json
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def traced():
-    return _trace_on_fake_cuda()
+def traced(tmp_path_factory):
+    return _trace_on_fake_cuda(tmp_path_factory.mktemp("trace"))
 
 
 def test_export_sees_the_triton_pieces_not_an_opaque_op(traced):

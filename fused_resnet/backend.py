@@ -109,8 +109,6 @@ def _auto(device_type: str, interpreted: bool) -> str:
 def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs an op on `device` for input of `dtype`."""
     name = requested()
-    if name == "auto" and dtype != torch.float64:  # the common case, once per kernel call
-        return _auto(device.type, triton_interpreted())
     if dtype == torch.float64:  # kernels are fp32/fp16/bf16; fp64 (gradcheck) is reference-only
         if name not in ("auto", "torch"):
             raise RuntimeError(f"fused_resnet: backend {name!r} does not support float64 input; "

@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from fused_resnet import tracing
+
 _state = threading.local()
 
 
@@ -42,7 +44,7 @@ def launches_on_input_device(launcher):
     def run(*args, **kwargs):
         first = next(a for a in list(args) + list(kwargs.values())
                      if isinstance(a, torch.Tensor))
-        if type(first) is not torch.Tensor and type(first) is not torch.nn.Parameter:
+        if not tracing.is_plain(first):
             return launcher(*args, **kwargs)
         with on_device(first):
             return launcher(*args, **kwargs)

@@ -53,13 +53,18 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
             training, eps, relu, autograd_records(input, residual, weight, bias), batch_mean,
             batch_var)
     if training and running_mean is not None:
-        update = running_stats_update(running_mean, running_var, mean, var, input, momentum,
-                                      num_batches_tracked)
-        if running_stats_updates is None:
-            apply_running_stats_updates([update])  # the last step: nothing left to raise
-        else:
-            running_stats_updates.append(update)
+        _record(running_stats_update(running_mean, running_var, mean, var, input, momentum,
+                                     num_batches_tracked), running_stats_updates)
     return out
+
+
+def _record(update: "RunningStatsUpdate", running_stats_updates: Optional[list]) -> None:
+    """Append the update for the caller to apply, or apply it now (the op's last step: nothing
+    left to raise)."""
+    if running_stats_updates is None:
+        apply_running_stats_updates([update])
+    else:
+        running_stats_updates.append(update)
 
 
 def sync_batch_norm_add_relu(input: Tensor, residual: Optional[Tensor],
@@ -81,12 +86,8 @@ def sync_batch_norm_add_relu(input: Tensor, residual: Optional[Tensor],
     out, mean, var, count = ops.sync_bn_add_relu.sync_bn_add_relu(
         input, residual, weight, bias, batch_mean, batch_var, eps, relu, group)
     if running_mean is not None:
-        update = RunningStatsUpdate(running_mean, running_var, num_batches_tracked, momentum,
-                                    mean, var, count)
-        if running_stats_updates is None:
-            apply_running_stats_updates([update])
-        else:
-            running_stats_updates.append(update)
+        _record(RunningStatsUpdate(running_mean, running_var, num_batches_tracked, momentum, mean,
+                                   var, count), running_stats_updates)
     return out
 
 

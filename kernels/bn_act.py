@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fused_resnet import devices, layout, reference
+from fused_resnet import devices, layout, reference, tracing
 
 # ---------------------------------------------------------------------------------------------
 # Launch parameters. The interpreter runs each program instance in Python, so there a few big
@@ -286,7 +286,7 @@ def _launch(kernel, like: torch.Tensor):
     wrap_triton, which records the launch as a graph node. (wrap_triton outside a trace would
     go through a dispatcher op, which launches nothing on meta tensors, where fused_resnet.aot
     records launches.)"""
-    return kernel if type(like) is torch.Tensor else wrap_triton(kernel)
+    return kernel if tracing.is_plain(like) else wrap_triton(kernel)
 
 
 def _reduction_plan(x: torch.Tensor):

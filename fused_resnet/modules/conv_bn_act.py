@@ -13,8 +13,9 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
   leaves every buffer as it was. An empty batch takes the unfused ops (see _conv_with_stats).
 - eval (and FrozenBatchNorm2d always, see fused_resnet.modules.norms): BN folded into the
   conv weights (fp32 math; differentiable when the conv's weight is trained),
-  conv2d_epilogue with the shift, the residual and the ReLU in the epilogue. Folded weights are cached and recomputed when any
-  parameter or buffer they come from changes (optimizer step, load_state_dict, .to()).
+  conv2d_epilogue with the shift, the residual and the ReLU in the epilogue. Folded weights
+  are cached and recomputed when any parameter or buffer they come from changes (optimizer
+  step, load_state_dict, .to()).
   On CPU, in inference (nothing for autograd to record, not traced), where the ops would run
   oneDNN's fused conv anyway, the module calls it directly with the folded weight prepacked
   once into oneDNN's blocked format (cached and invalidated with the folded weights), and
@@ -215,11 +216,11 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
         return functional.with_running_stats_updates(conv_bn_act, conv, bn, x, residual, relu,
                                                      cache, residual_writable=residual_writable)
     args = _conv_args(conv)
-    if args is None and norms.sync_group(bn) is not None:  # plain conv, synchronised BN
+    group = norms.sync_group(bn) if args is None else None
+    if group is not None:  # plain conv, synchronised BN
         z = conv(x)
         var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), correction=0)
-        return _finish(_Pending(z, mean, var, bn, norms.sync_group(bn)), residual, relu,
-                       updates)
+        return _finish(_Pending(z, mean, var, bn, group), residual, relu, updates)
     if args is None:  # string or non-zero padding modes: plain conv, fused BN epilogue
         return functional.batch_norm_add_relu(
             conv(x), residual, bn.running_mean, bn.running_var, bn.weight, bn.bias,

@@ -37,6 +37,13 @@ class _StemNorm:
             return super().forward(x)  # the original class's forward
         return x
 
+    def _check_input_dim(self, input):
+        # nn.BatchNorm2d.forward's rank check branches on input.dim(), which FX cannot trace
+        # (nn.BatchNorm2d itself is an FX leaf and never traced into); FrozenBatchNorm2d has no
+        # such check
+        if not unfused.fx_tracing(input):
+            super()._check_input_dim(input)
+
     def original(self) -> nn.Module:
         """The original BatchNorm2d / FrozenBatchNorm2d, with the current train/eval mode."""
         return self._original.train(self.training)
@@ -48,12 +55,6 @@ class _StemNorm:
 class StemBatchNorm(_StemNorm, nn.BatchNorm2d):
     """bn1 of a fused stem over an nn.BatchNorm2d."""
 
-    def _check_input_dim(self, input):
-        # nn.BatchNorm2d.forward's rank check branches on input.dim(), which FX cannot trace
-        # (nn.BatchNorm2d itself is an FX leaf and never traced into)
-        if not unfused.fx_tracing(input):
-            super()._check_input_dim(input)
-
 
 class StemFrozenBatchNorm(_StemNorm, FrozenBatchNorm2d):
     """bn1 of a fused stem over a torchvision FrozenBatchNorm2d."""
@@ -61,10 +62,6 @@ class StemFrozenBatchNorm(_StemNorm, FrozenBatchNorm2d):
 
 class StemSyncBatchNorm(_StemNorm, nn.SyncBatchNorm):
     """bn1 of a fused stem over an nn.SyncBatchNorm."""
-
-    def _check_input_dim(self, input):
-        if not unfused.fx_tracing(input):  # see StemBatchNorm
-            super()._check_input_dim(input)
 
 
 _STEM_NORMS = {nn.BatchNorm2d: StemBatchNorm, FrozenBatchNorm2d: StemFrozenBatchNorm,

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_resnet import _extension, backend, layout, reference
+from fused_resnet import _extension, backend, layout, reference, tracing
 from fused_resnet.ops import eager
 
 PIECES = ("bn_stats", "bn_add_relu_apply", "bn_add_relu_grad_reduce", "bn_add_relu_grad_apply")
@@ -37,7 +37,7 @@ def _run(piece: str, input: Tensor, *args):
     name = backend.choose(input.device, input.dtype)
     if name == "torch":
         return getattr(reference, piece)(*args)
-    if name == "triton" and input.device.type == "cpu" and type(input) is not Tensor:
+    if name == "triton" and input.device.type == "cpu" and not tracing.is_plain(input):
         # Traced (fake or functional tensors) under the CPU interpreter, whose kernels cannot
         # be traced into: the piece's opaque dispatching op, which runs the Triton piece later
         # on real tensors

@@ -15,12 +15,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-
-_PLAIN = (Tensor, torch.nn.Parameter)
+from fused_resnet import tracing
 
 
 def _plain_tensors(args) -> bool:
-    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+    return all(tracing.is_plain(a) for a in args if isinstance(a, Tensor))
 
 
 def _modes_active() -> bool:

@@ -73,37 +73,38 @@ class _SyncBNAddReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         input, mask, mean, var, weight = ctx.saved_tensors
-        sum_dz, sum_dz_xmu = _local_sums(ctx, grad_out, input, mask, mean, var, weight)
+        sum_dz, sum_dz_xhat = _local_sums(ctx, grad_out, input, mask, mean, var, weight)
         grad_input = grad_residual = None
         if ctx.needs_input_grad[0]:  # as nn.SyncBatchNorm: the all-reduce only for the input's
-            sums = torch.cat([sum_dz, sum_dz_xmu])
+            # xhat = (input - mean) * invstd with the group's statistics, the same on every
+            # process: summing sum(dz * xhat) over the group sums sum(dz * (input - mean)) too
+            sums = torch.cat([sum_dz, sum_dz_xhat])
             dist.all_reduce(sums, group=ctx.group)
             channels = sum_dz.numel()
             k, b, c, _, _ = reference.bn_backward_coefficients(
-                sums[:channels], sums[channels:], var, weight, ctx.eps, ctx.total, True)
+                sums[:channels], sums[channels:] * torch.sqrt(var + ctx.eps), var, weight,
+                ctx.eps, ctx.total, True)
             grad_input, grad_residual = _input_gradients(ctx, grad_out, input, mask, mean,
                                                          k, b, c)
-        elif ctx.needs_input_grad[1]:
+        elif ctx.needs_input_grad[1]:  # dz alone: the coefficients do not matter
             k, b, c, _, _ = reference.bn_backward_coefficients(
-                sum_dz, sum_dz_xmu, var, weight, ctx.eps, ctx.total, False)
+                sum_dz, sum_dz_xhat, var, weight, ctx.eps, ctx.total, False)
             _, grad_residual = _input_gradients(ctx, grad_out, input, mask, mean, k, b, c)
-        invstd = torch.rsqrt(var + ctx.eps)
-        grad_weight = (sum_dz_xmu * invstd).to(ctx.param_dtypes[0]) \
-            if ctx.needs_input_grad[2] else None
+        # weight and bias gradients stay this process's own, as nn.SyncBatchNorm's
+        grad_weight = sum_dz_xhat.to(ctx.param_dtypes[0]) if ctx.needs_input_grad[2] else None
         grad_bias = sum_dz.to(ctx.param_dtypes[1]) if ctx.needs_input_grad[3] else None
         return (grad_input, grad_residual if ctx.has_residual else None, grad_weight, grad_bias,
                 None, None, None, None, None, None, None)
 
 
 def _local_sums(ctx, grad_out, input, mask, mean, var, weight):
-    """This process's sum(dz) and sum(dz * (input - mean)) per channel, dz the gradient below
-    the ReLU (zeros for an empty batch)."""
+    """This process's sum(dz) and sum(dz * xhat) per channel, dz the gradient below the ReLU
+    (zeros for an empty batch): the bias and weight gradients the reduction kernel returns."""
     if ctx.count == 0:
         return torch.zeros_like(mean), torch.zeros_like(mean)
     _, _, _, grad_weight, grad_bias = ops.bn_add_relu_grad_reduce(
         grad_out, mask, input, mean, var, weight, ctx.eps, ctx.relu, False)
-    # the reduction returns sum(dz * xhat) = invstd * sum(dz * (input - mean)) and sum(dz)
-    return grad_bias, grad_weight * torch.sqrt(var + ctx.eps)
+    return grad_bias, grad_weight
 
 
 def _input_gradients(ctx, grad_out, input, mask, mean, k, b, c):

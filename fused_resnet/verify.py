@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fused_resnet import backend, functional, layout
+from fused_resnet.compare import normwise_error  # noqa: F401 - the tests import it from here
 
 ROUNDING_UNITS = 4
 
@@ -47,27 +48,6 @@ def compare(name: str, got: torch.Tensor, ref64: torch.Tensor, torch_same_dtype:
     scale = (ref64.abs().max().item() if ref64.numel() else 0.0) + 1.0
     allowed = 2 * err_torch + ROUNDING_UNITS * torch.finfo(got.dtype).eps * scale
     return Comparison(name, err, err_torch, allowed)
-
-
-def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| in float64: the measure for whole gradients and conv outputs,
-    where one element's ReLU decision or rounding must not dominate."""
-    ref = ref.double()
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def agreement_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """normwise_error over the finite elements, and inf unless NaN and +-inf sit in the same
-    places: two implementations of one op must carry the input's NaN and overflow alike (a NaN
-    in the data is no reason to distrust a kernel; a NaN where the other has a number is)."""
-    got, ref = got.double(), ref.double()
-    finite = torch.isfinite(ref)
-    same_special = torch.equal(torch.isnan(got), torch.isnan(ref)) and \
-        torch.equal(got[torch.isinf(ref)], ref[torch.isinf(ref)]) and \
-        bool(torch.isfinite(got[finite]).all())
-    if not same_special:
-        return float("inf")
-    return normwise_error(got[finite], ref[finite])
 
 
 def make_bn(channels, *, affine=True, track_running_stats=True, momentum=0.1, device="cpu"):

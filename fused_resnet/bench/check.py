@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from fused_resnet.verify import normwise_error
+from fused_resnet.compare import normwise_error
 
 
 MARGIN = 4

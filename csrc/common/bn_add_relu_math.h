@@ -146,19 +146,54 @@ FR_HD float bn_backward_input(float dz, float x, float mean, float k, float b, f
 }
 
 // ---------------------------------------------------------------------------------------------
+// Division by a divisor fixed for a whole launch, without a division instruction: a multiply-high
+// by a magic number and a shift (Granlund & Montgomery's round-up method, as PyTorch's
+// IntDivider, at 64 bits). A 64-bit division is a ~70-instruction subroutine on the GPU; this is
+// a few multiplies. The magic number is computed once on the host (make_fast_divmod).
+// Exact for every dividend in [0, 2^63) (so (hi + n) cannot overflow) and divisor >= 1:
+// shift = ceil(log2(d)), magic = floor(2^64 * (2^shift - d) / d) + 1 (< 2^64), and
+// n / d == (mulhi(n, magic) + n) >> shift.
+struct FastDivmod {
+  uint64_t divisor;
+  uint64_t magic;
+  uint32_t shift;
+
+  FR_HD static uint64_t mulhi(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+    return __umul64hi(a, b);
+#else
+    return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#endif
+  }
+  FR_HD int64_t div(int64_t n) const {
+    const uint64_t u = static_cast<uint64_t>(n);
+    return static_cast<int64_t>((mulhi(u, magic) + u) >> shift);
+  }
+  FR_HD int64_t mod(int64_t n) const {
+    return n - div(n) * static_cast<int64_t>(divisor);
+  }
+};
+
+// Host only. d >= 1 (the callers pass channel counts and plane sizes of non-empty tensors).
+inline FastDivmod make_fast_divmod(int64_t d) {
+  const uint64_t u = static_cast<uint64_t>(d < 1 ? 1 : d);
+  uint32_t shift = 0;
+  while (shift < 63 && (uint64_t{1} << shift) < u) ++shift;
+  const unsigned __int128 two64 = static_cast<unsigned __int128>(1) << 64;
+  const uint64_t magic =
+      static_cast<uint64_t>(two64 * ((uint64_t{1} << shift) - u) / u + 1);
+  return FastDivmod{u, magic, shift};
+}
+
 // Walks the channel index along memory order of a dense [outer, C, inner] tensor without a
-// division per element: seek() once, then next() per element.
+// division per element: a ChannelMap places it once (two multiply-high divisions), then next()
+// per element.
 struct ChannelWalker {
   int64_t channels;
   int64_t inner;
   int64_t c;  // channel of the current element
   int64_t s;  // position inside the current run of `inner` same-channel elements
 
-  FR_HD void seek(int64_t i) {
-    const int64_t q = i / inner;
-    s = i - q * inner;
-    c = q % channels;
-  }
   FR_HD void next() {
     if (++s == inner) {
       s = 0;
@@ -166,6 +201,25 @@ struct ChannelWalker {
     }
   }
 };
+
+// The channel of memory offset i, (i / inner) % C, by FastDivmod: built on the host once per
+// launch (make_channel_map), passed to the kernels by value.
+struct ChannelMap {
+  FastDivmod inner;
+  FastDivmod channels;
+
+  // A walker at memory offset i (0 <= i < 2^63).
+  FR_HD ChannelWalker walker_at(int64_t i) const {
+    const int64_t q = inner.div(i);
+    return ChannelWalker{static_cast<int64_t>(channels.divisor),
+                         static_cast<int64_t>(inner.divisor), channels.mod(q),
+                         i - q * static_cast<int64_t>(inner.divisor)};
+  }
+};
+
+inline ChannelMap make_channel_map(Geometry g) {
+  return ChannelMap{make_fast_divmod(g.inner), make_fast_divmod(g.channels)};
+}
 
 // A group of up to 8 consecutive elements (one mask byte), starting at memory offset 8*g.
 // Values are already converted to fp32 (residual: zeros when there is none); `count` < 8 only

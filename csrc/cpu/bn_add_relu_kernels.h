@@ -40,23 +40,28 @@ void dispatch_dtype(DType dtype, F&& f) {
 
 // Calls f(offset, length, channel, same_channel) for the runs covering [begin, end): with
 // same_channel every element of the run has channel `channel`, otherwise element k has channel
-// `channel + k` (NHWC).
+// `channel + k` (NHWC). Divisions place the first run only (once per call, i.e. per chunk);
+// each run after it starts where the previous one ended (NHWC: channel 0 of the next pixel;
+// NCHW: the next channel's plane).
 template <typename F>
 void for_each_run(Geometry g, int64_t begin, int64_t end, F&& f) {
-  int64_t i = begin;
-  while (i < end) {
-    if (g.inner == 1) {
-      const int64_t c0 = i % g.channels;
+  if (g.inner == 1) {
+    int64_t c0 = begin % g.channels;
+    for (int64_t i = begin; i < end; c0 = 0) {
       const int64_t len = std::min(g.channels - c0, end - i);
       f(i, len, c0, false);
       i += len;
-    } else {
-      const int64_t q = i / g.inner;
-      const int64_t s = i - q * g.inner;
-      const int64_t len = std::min(g.inner - s, end - i);
-      f(i, len, q % g.channels, true);
-      i += len;
     }
+    return;
+  }
+  const int64_t q = begin / g.inner;
+  int64_t s = begin - q * g.inner;  // position inside the current plane
+  int64_t c = q % g.channels;
+  for (int64_t i = begin; i < end; s = 0) {
+    const int64_t len = std::min(g.inner - s, end - i);
+    f(i, len, c, true);
+    i += len;
+    if (++c == g.channels) c = 0;
   }
 }
 

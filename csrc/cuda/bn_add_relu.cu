@@ -4,7 +4,8 @@
 // Elementwise kernels (apply, grad_apply): one thread per 8 consecutive elements = one byte of
 // the packed ReLU mask, read and written as 16-byte vectors when the tensor allows it. Works the
 // same for NCHW and NHWC since everything is in memory order; the channel of each element comes
-// from a ChannelWalker. Reductions (stats, grad_reduce): partial states over a 2-D grid
+// from a ChannelWalker, placed by multiply-high divisions (ChannelMap: no 64-bit div/rem).
+// Reductions (stats, grad_reduce): partial states over a 2-D grid
 // (channel tiles x splits of the per-channel elements), then one block per channel merges the
 // partials in a fixed order (deterministic, no atomics). Their lanes read 16-byte vectors (8
 // channels of an NHWC row, or 8 elements of an NCHW plane) where the geometry and alignment
@@ -99,13 +100,13 @@ __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i0, int count,
 }
 
 // Grid-stride loop over the 8-element groups (mask bytes): body(group, first offset, walker).
+// The walker's place comes from multiply-high divisions (ChannelMap), not 64-bit div/rem.
 template <typename Body>
-__device__ __forceinline__ void for_each_group(Geometry g, Body body) {
+__device__ __forceinline__ void for_each_group(Geometry g, const ChannelMap& map, Body body) {
   const int64_t groups = mask_bytes(g.numel());
   for (int64_t grp = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; grp < groups;
        grp += int64_t{gridDim.x} * blockDim.x) {
-    ChannelWalker w{g.channels, g.inner, 0, 0};
-    w.seek(grp * 8);
+    ChannelWalker w = map.walker_at(grp * 8);
     body(grp, grp * 8, w);
   }
 }
@@ -114,9 +115,9 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ res,
                  const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
-                 Geometry g, T* __restrict__ out, uint8_t* __restrict__ mask) {
+                 Geometry g, ChannelMap map, T* __restrict__ out, uint8_t* __restrict__ mask) {
   const int64_t numel = g.numel();
-  for_each_group(g, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
+  for_each_group(g, map, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float xv[8], rv[8], yv[8];
     const int count = load8<T, VEC>(x, i0, numel, xv);
     if (res) {
@@ -136,10 +137,10 @@ __global__ void __launch_bounds__(kThreads)
     grad_apply_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ mask,
                       const T* __restrict__ x, const float* __restrict__ mean,
                       const float* __restrict__ kc, const float* __restrict__ bc,
-                      const float* __restrict__ cc, bool relu, Geometry g, T* __restrict__ dx,
-                      T* __restrict__ dres) {
+                      const float* __restrict__ cc, bool relu, Geometry g, ChannelMap map,
+                      T* __restrict__ dx, T* __restrict__ dres) {
   const int64_t numel = g.numel();
-  for_each_group(g, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
+  for_each_group(g, map, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float gv[8], xv[8], dzv[8], dxv[8];
     const int count = load8<T, VEC>(grad, i0, numel, gv);
     load8<T, VEC>(x, i0, numel, xv);
@@ -398,7 +399,7 @@ cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
     auto kernel = vec ? apply_kernel<T, true> : apply_kernel<T, false>;
     kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(residual), scale, shift, relu, g,
-        static_cast<T*>(out), mask);
+        make_channel_map(g), static_cast<T*>(out), mask);
     return cudaGetLastError();
   });
 }
@@ -429,7 +430,7 @@ cudaError_t bn_add_relu_grad_apply(DType dtype, const void* grad, const uint8_t*
     auto kernel = vec ? grad_apply_kernel<T, true> : grad_apply_kernel<T, false>;
     kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
         static_cast<const T*>(grad), mask, static_cast<const T*>(x), mean, k, b, c, relu, g,
-        static_cast<T*>(dx), static_cast<T*>(dres));
+        make_channel_map(g), static_cast<T*>(dx), static_cast<T*>(dres));
     return cudaGetLastError();
   });
 }

@@ -70,11 +70,13 @@ Tensor cutlass_launch_operand(const Tensor& t, c10::string_view operand) {
 }
 
 // NHWC-ordered copy of a 4-D tensor with its dim 1 zero-padded to `channels`, aligned for
-// `operand`.
+// `operand`. One pass over the data: only the pad channels are zeroed, then t is copied in
+// (fresh storage from the allocator is aligned, so launch_operand copies nothing more).
 Tensor nhwc_padded(const Tensor& t, int64_t channels, CutlassOperand operand) {
   if (t.size(1) == channels) return launch_operand(t, operand);
-  Tensor padded = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
+  Tensor padded = at::empty({t.size(0), channels, t.size(2), t.size(3)},
                             t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  padded.narrow(1, t.size(1), channels - t.size(1)).zero_();
   padded.narrow(1, 0, t.size(1)).copy_(t);
   return launch_operand(padded, operand);
 }

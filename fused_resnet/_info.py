@@ -1,17 +1,12 @@
 """fused_resnet.info(): versions, device, and which backends are built and usable."""
 
 import platform
-from importlib import metadata
 
 import torch
 
 from fused_resnet import _extension, backend, tuning
+from fused_resnet._version import __version__
 from fused_resnet.ops import conv_mkldnn
-
-try:
-    __version__ = metadata.version("fused_resnet")
-except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 
 def _triton_version():
@@ -100,5 +95,6 @@ def info() -> dict:
         "extension_built_with_torch": getattr(_extension.load(), "built_with_torch", None),
         "extension_source_stamp": _extension.source_stamp(),
         "tuning_cache": tuning.cache_path(),
+        "tuning_stack": tuning.stack(),  # what a remembered choice must have been measured on
         "conv_choices": tuning.choices(),
     }

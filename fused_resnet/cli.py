@@ -1,8 +1,11 @@
-"""Command line: `fused-resnet info | verify | bench` (also `python -m fused_resnet ...`)."""
+"""Command line: `fused-resnet info | verify | bench | tune | demo` (also `python -m
+fused_resnet ...`)."""
 
 import argparse
 import json
 import sys
+
+from fused_resnet import tune
 
 
 def _print_info(args) -> int:
@@ -55,8 +58,10 @@ def _bench(args) -> int:
     print(f"fused-resnet bench: {', '.join(config.models)} / {', '.join(config.modes)} on "
           f"{device}, {config.dtype}, batch {config.batch_size}, {config.image_size}px; "
           f"providers: {', '.join(names)}", flush=True)
-    result = suite.run(config)
-    paths = suite.write(result, config.out_dir, command="fused-resnet " + " ".join(args.argv))
+    command = "fused-resnet " + " ".join(args.argv)
+    result = suite.run(config, on_row=lambda partial: suite.write_json(partial, config.out_dir,
+                                                                       command))
+    paths = suite.write(result, config.out_dir, command=command)
     print("\n".join(report.tables(result) + report.goals(result)))
     print("\nwritten: " + ", ".join(paths.values()))
     bad = [f"{r['model']} {r['mode']} {r['provider']}" for r in result["rows"]
@@ -95,6 +100,49 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(func=_bench)
 
 
+def _demo(args) -> int:
+    from fused_resnet import demo
+
+    overrides = {k: v for k, v in dict(
+        depths=args.depths, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, image_size=args.image_size,
+        max_batches=args.max_batches, seed=args.seed, threads=args.threads).items()
+        if v is not None}
+    overrides.update(fused=not args.unfused, out_dir=args.out)
+    try:  # bad flags and missing optional packages: one clear line, no traceback
+        config = demo.Config.quick(**overrides) if args.quick else demo.Config(**overrides)
+        demo.require_packages()
+    except (demo.MissingDependency, ValueError) as e:
+        print(f"fused-resnet demo: {e}", file=sys.stderr)
+        return 2
+    demo.main(config, command="fused-resnet " + " ".join(args.argv))
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train plain and residual CIFAR-style nets (fused) on "
+                                    "scikit-learn's digits: training error per depth and "
+                                    "gradient norms at initialisation; PNG, markdown, JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="under a minute: depths 8 and 14, one epoch of 4 batches, 8x8 images")
+    p.add_argument("--depths", nargs="+", type=int, default=None,
+                   help="6n+2 each (default: 8 20 56)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 8")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.05")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps at 0.1x the rate first (default: 24, one epoch)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="digits resized to this (default: 16; 8 is the original)")
+    p.add_argument("--max-batches", type=int, default=None, help="per epoch (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="default: 0")
+    p.add_argument("--unfused", action="store_true", help="train the unfused models instead")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's; 1 is fastest on a busy machine)")
+    p.add_argument("--out", default="fused-resnet-demo", help="output directory")
+    p.set_defaults(func=_demo)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fused-resnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +153,8 @@ def main(argv=None) -> int:
     p_verify.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p_verify.set_defaults(func=_verify)
     _add_bench_parser(sub)
+    tune.add_parser(sub)
+    _add_demo_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv

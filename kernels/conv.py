@@ -20,11 +20,17 @@ the normalised activation is never written to memory. The zero padding stays zer
 transform applies to in-bounds elements only), as padding the activation would.
 """
 
+import contextlib
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from fused_resnet import devices, layout, tuning
+from fused_resnet import devices, layout, tuning, weight_cache
 from fused_resnet.kernels import bn_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). GPU: the launcher measures the configs
@@ -37,6 +43,8 @@ GPU_CONFIGS_16BIT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4
 # the FMA units (registers per thread grow with the tile): smaller K steps.
 GPU_CONFIGS_FP32 = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
 INTERPRETER_CONFIG = (64, 32, 16, 4, 1)
+# Configs measured per problem at most (gpu_configs says which).
+MAX_MEASURED = 3
 # Consecutive programs walk GROUP_M row tiles across every column tile, so an activation tile
 # is still in L2 when the next column tile reads it (the weights are small and stay there).
 GROUP_M = 8
@@ -56,19 +64,44 @@ def _block_k(c_in: int, block_k: int) -> int:
 
 
 def gpu_configs(c_in: int, c_out: int, dtype: torch.dtype = torch.float16,
-                prologue: bool = False, residual: bool = False):
-    """The tile configs worth measuring for a problem: no tile much wider than C_out. No
-    256-wide tiles where more than the accumulator lives in registers: with C_in not a
-    multiple of 16 (the padded stem: the per-element (tap, channel) decomposition), with the
-    BN + ReLU prologue (its fp32 transform of the A tile, and the statistics epilogue it comes
-    with), with a residual (its tile, loaded in the epilogue). Each of those spills at 128x256
-    on sm_90 (python -m fused_resnet.aot shows it)."""
+                prologue: bool = False, residual: bool = False, rows: Optional[int] = None,
+                sms: Optional[int] = None, limit: Optional[int] = MAX_MEASURED):
+    """The tile configs worth measuring for a problem, largest tile first.
+
+    Which can run well: no tile much wider than C_out. No 256-wide tiles where more than the
+    accumulator lives in registers: with C_in not a multiple of 16 (the padded stem: the
+    per-element (tap, channel) decomposition), with the BN + ReLU prologue (its fp32 transform
+    of the A tile, and the statistics epilogue it comes with), with a residual (its tile,
+    loaded in the epilogue). Each of those spills at 128x256 on sm_90 (python -m
+    fused_resnet.aot shows it).
+
+    Which are measured (each costs a compile and a timing at first use): one config per tile
+    area. Two tiles of equal area do the same work per program and move the same bytes in all
+    (the activations are read once per column tile, the weights once per row tile:
+    M*K*C_out*(1/BLOCK_M + 1/BLOCK_N) either way); the one with 128 rows is kept, for fewer
+    row tiles (fewer partial BN statistics to merge). Knowing the output rows (N*OH*OW) and
+    the GPU's multiprocessor count `sms`, only tiles whose grid gives every multiprocessor a
+    program (a larger tile leaves some idle; if none fills the GPU, the smallest). Then the
+    `limit` largest: among tiles that fill the GPU, larger ones read less per output.
+    limit=None: every config some problem could measure (static analysis compiles them)."""
     configs = GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS_16BIT
     widest_n = max(64, triton.next_power_of_2(c_out))
     keep = [(m, n, _block_k(c_in, k), w, s) for m, n, k, w, s in configs if n <= widest_n]
     if prologue or residual or any(c_in % cfg[2] for cfg in keep):
         keep = [cfg for cfg in keep if max(cfg[0], cfg[1]) <= 128]
-    return keep
+    keep = _one_per_area(keep)
+    if rows is not None and sms is not None:
+        keep = [cfg for cfg in keep
+                if triton.cdiv(rows, cfg[0]) * triton.cdiv(c_out, cfg[1]) >= sms] or keep[-1:]
+    return keep if limit is None else keep[:limit]
+
+
+def _one_per_area(configs):
+    """The first config of each tile area (the lists put the 128-row tile first)."""
+    kept = {}
+    for cfg in configs:
+        kept.setdefault(cfg[0] * cfg[1], cfg)
+    return list(kept.values())
 
 
 @triton.jit
@@ -191,12 +224,24 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
 
 # ---------------------------------------------------------------------------------------------
 def pack_weight(weight: torch.Tensor, scale=None) -> torch.Tensor:
-    """[C_out, C_in, KH, KW] -> [KH, KW, C_in, C_out] contiguous (the kernel's B), optionally
-    with a per-output-channel scale folded in (computed in fp32, then cast)."""
-    w = weight.float()
-    if scale is not None:
-        w = w * scale.float().view(-1, 1, 1, 1)
-    return w.permute(2, 3, 1, 0).contiguous().to(weight.dtype)
+    """[C_out, C_in, KH, KW] -> [KH, KW, C_in', C_out] contiguous (the kernel's B), C_in zero-
+    padded to C_in' = a multiple of CHANNEL_ALIGN (the stem's 3 to 8, as conv2d_nhwc pads its
+    input), optionally with a per-output-channel scale folded in (computed in fp32, then cast).
+    Packed once per state of the weight (and scale) and reused (fused_resnet.weight_cache):
+    an in-place update of either (optimizer step, load_state_dict) packs it again."""
+    return weight_cache.derived(weight, "triton_conv_packed",
+                                lambda: _pack_weight(weight, scale), extra=scale)
+
+
+def _pack_weight(weight: torch.Tensor, scale) -> torch.Tensor:
+    c_out, c_in, kh, kw = weight.shape
+    w = weight if scale is None else weight.float() * scale.float().view(-1, 1, 1, 1)
+    c_pad = _aligned_channels(c_in)
+    packed = weight.new_empty((kh, kw, c_pad, c_out))  # fresh and dense, whatever w's strides
+    if c_pad > c_in:
+        packed[:, :, c_in:].zero_()
+    packed[:, :, :c_in].copy_(w.permute(2, 3, 1, 0))  # one pass (and the cast back, if scaled)
+    return packed
 
 
 def _dot_precision(dtype, allow_tf32: bool) -> str:
@@ -219,6 +264,21 @@ def _pad_channels(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
     return torch.nn.functional.pad(t, pad).contiguous()
+
+
+def _nhwc_padded(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """x as the kernel reads it: dense channels_last with C zero-padded to `channels`. x itself
+    when it already is; else one pass over x: a fresh channels_last tensor whose pad channels
+    alone are zeroed, x copied into the rest (F.pad fills the whole tensor first, and its
+    result keeps x's layout, which may need another copy)."""
+    c = x.shape[1]
+    if c == channels:
+        return x.contiguous(memory_format=torch.channels_last)
+    padded = torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last)
+    padded[:, c:].zero_()
+    padded[:, :c].copy_(x)
+    return padded
 
 
 def _aligned_channels(c: int) -> int:
@@ -260,7 +320,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     # Whole 16-byte channel runs: pad C_in (the stem's 3) with zero channels, which add
     # nothing to the products (and a zero prologue scale/shift keeps them zero).
     c_pad = _aligned_channels(c_in)
-    x = _pad_channels(x, 1, c_pad).contiguous(memory_format=torch.channels_last)
+    x = _nhwc_padded(x, c_pad)
     w_packed = _pad_channels(w_packed, 2, c_pad)
     if prologue is not None:
         prologue = tuple(_pad_channels(p, 0, c_pad).contiguous() for p in prologue)
@@ -269,7 +329,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     if shortcut is not None:
         x2, w2, stride2 = shortcut
         c2_pad = _aligned_channels(x2.shape[1])
-        x2 = _pad_channels(x2, 1, c2_pad).contiguous(memory_format=torch.channels_last)
+        x2 = _nhwc_padded(x2, c2_pad)
         w2 = _pad_channels(w2, 2, c2_pad)
         h2, w2_size, c2 = x2.shape[2], x2.shape[3], x2.shape[1]
         check_index_range(n, h2 * w2_size, "shortcut input")
@@ -278,7 +338,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
 
-    def launch(cfg):
+    def launch(cfg, compile_only=False):
         block_m, block_n, block_k, num_warps, num_stages = cfg
         tiles_m = triton.cdiv(n * oh * ow, block_m)
         grid = (tiles_m * triton.cdiv(c_out, block_n),)
@@ -286,7 +346,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
         if stats:
             tile_mean = torch.empty((c_out, tiles_m), dtype=torch.float32, device=x.device)
             tile_m2 = torch.empty_like(tile_mean)
-        _conv_kernel[grid](
+        _kernel_call(grid, compile_only)(
             x, w_packed, x2, w2, out,
             scale if scale is not None else out, bias if bias is not None else out,
             residual if residual is not None else out, tile_mean, tile_m2,
@@ -302,8 +362,13 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
         return tile_mean, tile_m2, block_m
 
     if config is None:
-        config = _choose_config(x, w_packed, stride, padding, shortcut is not None, stats,
-                                prologue is not None, residual is not None, launch)
+        config = _choose_config(x, w_packed, stride, padding, launch, (
+            ("shortcut", None if shortcut is None else (tuple(x2.shape), tuple(w2.shape),
+                                                        stride2)),
+            ("scale", scale is not None), ("bias", bias is not None),
+            ("residual", None if residual is None else residual.dtype), ("relu", relu),
+            ("stats", stats), ("prologue", prologue is not None),
+            ("dot", _dot_precision(x.dtype, allow_tf32))))
     tile_mean, tile_m2, block_m = launch(config)
     if not stats:
         return out, None
@@ -311,13 +376,73 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
                                            channel_major=True)
 
 
-def _choose_config(x, w_packed, stride, padding, has_shortcut, stats, has_prologue,
-                   has_residual, launch):
+def _kernel_call(grid, compile_only: bool):
+    """_conv_kernel launched on `grid`, or only compiled for the arguments it is given (Triton's
+    warmup: nothing runs)."""
+    if compile_only:
+        return functools.partial(_conv_kernel.warmup, grid=grid)
+    return _conv_kernel[grid]
+
+
+def _choose_config(x, w_packed, stride, padding, launch, flavour: tuple):
+    """The tile config to launch: measured once per key on a GPU, every candidate compiled
+    first, in parallel. flavour: (name, value) pairs of everything else that changes the
+    compiled kernel or its speed (epilogue, prologue, shortcut geometry, dot precision)."""
     if x.device.type == "cpu":
         return INTERPRETER_CONFIG
-    configs = gpu_configs(x.shape[1], w_packed.shape[3], x.dtype, has_prologue, has_residual)
+    n, c_in, h, w = x.shape
+    kh, kw, _, c_out = w_packed.shape
+    rows = n * ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
+    flags = dict(flavour)
+    if x.device.type == "cuda":
+        sms, limit = _multiprocessors(x.device.index), MAX_MEASURED
+    else:  # meta tensors (static analysis): every config some problem could measure
+        sms, limit = None, None
+    configs = gpu_configs(c_in, c_out, x.dtype, flags["prologue"], flags["residual"] is not None,
+                          rows=rows, sms=sms, limit=limit)
     key = ("conv_tile", x.device.index, x.dtype, tuple(x.shape), tuple(w_packed.shape), stride,
-           padding, has_shortcut, stats, has_prologue, has_residual)
+           padding, flavour)
     if not tuning.can_measure():  # e.g. during CUDA-graph capture: the earlier choice, else
-        return tuning.cached(key) or configs[-1]  # the smallest tile (fits every GPU)
-    return tuning.tuned_choice(key, {cfg: (lambda cfg=cfg: launch(cfg)) for cfg in configs})
+        return tuning.cached(key, configs) or configs[-1]  # the smallest tile (fits every GPU)
+    return tuning.tuned_choice(
+        key, {cfg: (lambda cfg=cfg: launch(cfg)) for cfg in configs}, persist=True,
+        describe=lambda: _describe_tile_key(key),
+        prepare=lambda: compile_in_parallel(lambda cfg: launch(cfg, compile_only=True),
+                                            configs))
+
+
+def _describe_tile_key(key: tuple) -> str:
+    """A tile key as one readable line (the tuner's progress line)."""
+    _, _, dtype, x_shape, w_shape, stride, padding, flavour = key
+    return (f"conv tile {str(dtype).removeprefix('torch.')} x{'x'.join(map(str, x_shape))} "
+            f"w{'x'.join(map(str, w_shape))} stride {stride} padding {padding} "
+            + " ".join(f"{k}={v}" for k, v in flavour if v not in (None, False)))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def compile_in_parallel(compile_one: Callable, configs, workers: Optional[int] = None) -> None:
+    """compile_one(cfg) (a compile-only launch) for every config, the compiles running at once
+    in a thread pool: each call binds its arguments and looks up Triton's caches on this
+    thread, and Triton's AsyncCompileMode hands the compile itself to the pool (Triton 3.6 to
+    3.8 have it; Triton releases the GIL while it compiles, ptxas is a separate process).
+    Returns when every compile has finished. A config that fails to compile is left to its
+    timed launch, which raises the same error (the tuner then drops that config, warning);
+    without AsyncCompileMode the configs compile one after another."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        AsyncCompileMode = None
+    workers = workers or min(len(configs), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        mode = AsyncCompileMode(pool, ignore_errors=True) if AsyncCompileMode and workers > 1 \
+            else contextlib.nullcontext()
+        with mode:
+            for cfg in configs:
+                try:
+                    compile_one(cfg)
+                except Exception:  # noqa: BLE001 - raised again by the config's timed launch
+                    pass

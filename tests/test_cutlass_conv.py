@@ -326,7 +326,8 @@ def test_measured_choices_persist_on_disk(fresh_tuning, monkeypatch):
     path = tuning.cache_path()
     with open(path) as f:
         stored = json.load(f)
-    assert list(stored.values()) == ["cutlass"] and repr(key) in next(iter(stored))
+    assert [entry["choice"] for entry in stored.values()] == ["cutlass"]
+    assert repr(key) in next(iter(stored))
     # a new process (empty memory cache) reuses the disk entry without measuring
     monkeypatch.setattr(tuning, "_cache", {})
     monkeypatch.setattr(tuning, "_disk", None)
@@ -550,8 +551,8 @@ def test_cutlass_bn_relu_conv_error_with_real_bn_statistics(fresh_tuning):
     """Why bn_relu_conv2d_cutlass is not a candidate of bn_relu_conv2d_bn_stats: on a raw conv
     output with |mean|/std ~ 20 per channel (real ones have 10-30) it rounds BN's scale and
     shift to fp16, and its output is >4x further from float64 than the library path's
-    (BN in fp32, the activation rounded once, cuDNN), ~0.7% normwise where AGREEMENT
-    allows 3%. bn_relu_conv2d_bn_stats, measured and chosen as in training, stays at the
+    (BN in fp32, the activation rounded once, cuDNN), ~0.7% normwise where
+    compare.NORMWISE_BOUND allows 3%. bn_relu_conv2d_bn_stats, measured and chosen as in training, stays at the
     library path's error. (If this first assertion ever fails, the kernel applies scale/shift
     accurately: offer it again in ops/bn_relu_conv.py.)"""
     if not _cutlass_ready():

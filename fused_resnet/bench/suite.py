@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from fused_resnet.bench import check, environment, floors, memory, providers, timing
+from fused_resnet.progress import Progress
 
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MODES = ("inference", "training")
@@ -69,41 +70,15 @@ def _batches(config: Config, count: int, batch: int):
             for _ in range(count)]
 
 
-class _Progress:
-    """tqdm when installed, else one line per step."""
-
-    def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True)
-        except ImportError:
-            self._bar = None
-        self._done, self._total = 0, total
-
-    def describe(self, text: str):
-        if self._bar is not None:
-            self._bar.set_description(text)
-        else:
-            print(f"[{self._done}/{self._total}] {text}", flush=True)
-
-    def step(self, count: int = 1):
-        self._done += count
-        if self._bar is not None:
-            self._bar.update(count)
-
-    def close(self):
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _provider_list(config: Config) -> list:
     return list(config.providers) if config.providers else list(providers.defaults(config.device))
 
 
-def run(config: Config, build=None) -> dict:
+def run(config: Config, build=None, on_row=None) -> dict:
     """Run the suite; returns the result dict that report.py renders and write() saves.
     `build(name, model, device, dtype)` makes a provider (tests inject wrong ones through
-    it)."""
+    it). `on_row(result)`, if given, is called with the partial result after every row (the
+    CLI rewrites results.json with it: an interrupted run keeps every row it measured)."""
     build = build or providers.build
     dtype = DTYPES[config.dtype]
     names = _provider_list(config)
@@ -114,17 +89,23 @@ def run(config: Config, build=None) -> dict:
               "ceilings": {"copy_bandwidth_gbps": bandwidth, "matmul_tflops": matmul},
               "rows": []}
     steps_per_case = config.repeats + 1
-    progress = _Progress(len(config.models) * len(config.modes) * len(names) * steps_per_case)
+    progress = Progress(len(config.models) * len(config.modes) * len(names) * steps_per_case)
     try:
         for model_name in config.models:
-            _run_model(config, model_name, names, dtype, build, result, progress)
+            _run_model(config, model_name, names, dtype, build, result, progress,
+                       on_row or (lambda partial: None))
     finally:
         progress.close()
     _add_ratios(result["rows"])
     return result
 
 
-def _run_model(config, model_name, names, dtype, build, result, progress):
+def _add_row(result: dict, row: dict, on_row) -> None:
+    result["rows"].append(row)
+    on_row(result)
+
+
+def _run_model(config, model_name, names, dtype, build, result, progress, on_row):
     model = _model(model_name, config.seed)
     element_size = torch.tensor([], dtype=dtype).element_size()
     model_floors = floors.floors(model, config.image_size, config.batch_size, element_size)
@@ -142,8 +123,8 @@ def _run_model(config, model_name, names, dtype, build, result, progress):
         reason = providers.unavailable(name, config.device) if known else None
         if reason is not None:
             for mode in config.modes:
-                result["rows"].append({**row_base, "mode": mode, "status": "unavailable",
-                                       "reason": reason})
+                _add_row(result, {**row_base, "mode": mode, "status": "unavailable",
+                                  "reason": reason}, on_row)
                 progress.step(config.repeats + 1)
             continue
         progress.describe(f"{model_name} {name}: building")
@@ -155,7 +136,7 @@ def _run_model(config, model_name, names, dtype, build, result, progress):
                 row["check"] = check.check(runner, references[mode], check_x, check_target, mode)
             except Exception as error:  # a provider that crashes is reported, not fatal
                 row.update(status="error", reason=f"{type(error).__name__}: {error}")
-                result["rows"].append(row)
+                _add_row(result, row, on_row)
                 progress.step(config.repeats + 1)
                 continue
             progress.step()
@@ -166,7 +147,7 @@ def _run_model(config, model_name, names, dtype, build, result, progress):
                 progress.describe(f"{model_name} {name} {mode}: timing")
                 row.update(status="ok", **_time(runner, mode, timed, config, progress))
                 row.update(_floor_fractions(row, model_floors[mode], result["ceilings"]))
-            result["rows"].append(row)
+            _add_row(result, row, on_row)
         del runner
         gc.collect()
         if torch.cuda.is_available():
@@ -219,17 +200,25 @@ def _add_ratios(rows) -> None:
                 row["saved_activation_bytes"] / ref["saved_activation_bytes"]
 
 
+def write_json(result: dict, out_dir: str, command: Optional[str] = None) -> str:
+    """out_dir/results.json, replaced whole (written beside it, then renamed): a run killed
+    while writing leaves the previous version. Returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    if command:
+        result["command"] = command
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write(result: dict, out_dir: str, command: Optional[str] = None) -> dict:
     """results.json, report.md and (matplotlib permitting) throughput.png / memory.png."""
     from fused_resnet.bench import report
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"),
+    paths = {"json": write_json(result, out_dir, command),
              "markdown": os.path.join(out_dir, "report.md")}
-    if command:
-        result["command"] = command
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=1)
     with open(paths["markdown"], "w") as f:
         f.write(report.markdown(result))
     if result["config"].get("plots", True):

@@ -102,7 +102,10 @@ def _forward(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding,
              groups):
     candidates, conv = dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride,
                                      padding, dilation, groups)
-    return candidates[conv_ops.choose_path("bn_relu_conv", candidates, *conv)]()
+    # the previous BN + ReLU is the prologue of the Triton path, the statistics its epilogue
+    epilogue = (("prologue", "bn_relu"), ("stats", True))
+    return candidates[conv_ops.choose_path("bn_relu_conv", candidates, *conv,
+                                           epilogue=epilogue)]()
 
 
 @bn_relu_conv2d_bn_stats.register_fake

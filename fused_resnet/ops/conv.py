@@ -25,6 +25,8 @@ tile (csrc/cutlass_conv/, "cutlass" path). Which one: see conv_path and choose_p
 """
 
 import contextlib
+import functools
+import os
 import warnings
 from typing import Optional
 
@@ -32,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_resnet import _extension, backend, devices, layout, tuning
+from fused_resnet import _extension, backend, devices, layout, tuning, weight_cache
+from fused_resnet.compare import conv_agreement
 from fused_resnet.ops import conv_mkldnn, eager
 from fused_resnet.ops.bn_add_relu import _run
 
@@ -113,6 +116,30 @@ def use_path(name: str):
         _forced_path = previous
 
 
+CONV_PATHS_ENV = "FUSED_RESNET_CONV_PATHS"
+
+
+def allowed_paths() -> Optional[frozenset]:
+    """The conv paths the ops may choose from: FUSED_RESNET_CONV_PATHS, comma-separated names
+    of PATHS (e.g. "library,cutlass" to keep the Triton conv out), or None when unset (all).
+    It narrows the automatic choice only (use_path and a forced backend still say exactly what
+    runs); an op none of whose allowed paths can run a convolution runs the library path,
+    which every op has."""
+    return _parse_paths(os.environ.get(CONV_PATHS_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_paths(value: str) -> Optional[frozenset]:
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if not names:
+        return None
+    unknown = sorted(names - set(PATHS))
+    if unknown:
+        raise ValueError(f"fused_resnet: {CONV_PATHS_ENV}={value!r} names unknown conv path(s) "
+                         f"{', '.join(unknown)}; known: {', '.join(PATHS)}")
+    return frozenset(names)
+
+
 def _forced(candidates, input, weight, stride, padding, dilation, groups) -> str:
     if _forced_path not in candidates:
         raise RuntimeError(f"fused_resnet: conv path {_forced_path!r} was forced but this op "
@@ -163,7 +190,8 @@ def mkldnn_chosen(input: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = 
         return False
     if _forced_path is not None:
         return _forced_path == "mkldnn"
-    return backend.requested() == "auto"
+    allowed = allowed_paths()
+    return backend.requested() == "auto" and (allowed is None or "mkldnn" in allowed)
 
 
 def why_path_cannot_run(name: str, input, weight, stride, padding, dilation,
@@ -186,36 +214,73 @@ def _runnable(candidates: dict, input, weight, stride, padding, dilation, groups
 
 
 def choose_path(op: str, candidates: dict, input, weight, stride, padding, dilation,
-                groups) -> str:
+                groups, epilogue: tuple = ()) -> str:
     """The path to run: conv_path's answer, or on CUDA with the auto backend, the fastest of
-    the candidates that can run this op and shape, measured once and cached in memory and on
-    disk (like cudnn.benchmark; see fused_resnet.tuning). On CUDA a path other than the library
-    conv is used only once it agreed with the library conv on this process's input of this
-    shape (see trusted)."""
-    if input.device.type != "cuda":  # nothing to measure or to check: the requested path
+    the candidates that can run this op and shape (and that FUSED_RESNET_CONV_PATHS allows:
+    allowed_paths), measured once and cached in memory and on disk (like cudnn.benchmark; see
+    fused_resnet.tuning). On CUDA a path other than the library conv is used only once it
+    agreed with the library conv on this process's input of this shape (see trusted).
+
+    epilogue: (name, value) pairs describing whatever else the op computes (epilogue flags,
+    the shortcut's geometry): part of the key, so two convs of equal shapes but different
+    epilogues are measured and checked apart."""
+    allowed = allowed_paths()
+    offered = candidates if allowed is None else \
+        {name: fn for name, fn in candidates.items() if name in allowed}
+    if not tuning.measured_on(input.device):  # nothing to measure or to check: by rule
         if _forced_path is not None:
             return _forced(candidates, input, weight, stride, padding, dilation, groups)
         return conv_path(input, weight, stride, padding, dilation, groups,
-                         cutlass="cutlass" in candidates, mkldnn="mkldnn" in candidates)
-    key = (op, input.device.index, input.dtype, tuple(input.shape),
-           layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding))
+                         cutlass="cutlass" in offered, mkldnn="mkldnn" in offered)
+    key = choice_key(op, input, weight, stride, padding, dilation, groups, epilogue, allowed)
     if _forced_path is not None:
         return trusted(op, key, _forced(candidates, input, weight, stride, padding, dilation,
                                         groups), candidates, input, forced=True)
     if backend.requested() != "auto":
         return trusted(op, key, conv_path(input, weight, stride, padding, dilation, groups,
                                           cutlass="cutlass" in candidates), candidates, input)
-    choice = tuning.cached(key)
-    if choice in candidates:  # measured in this process, or remembered from an earlier one
+    choice = tuning.cached(key, offered)
+    if choice is not None:  # measured in this process, or remembered from an earlier one
         return trusted(op, key, choice, candidates, input)
-    runnable = _runnable(candidates, input, weight, stride, padding, dilation, groups)
-    if len(runnable) < 2 or not tuning.can_measure():
+    runnable = _runnable(offered, input, weight, stride, padding, dilation, groups)
+    if len(runnable) == 1:
+        return trusted(op, key, next(iter(runnable)), candidates, input)
+    if not runnable or not tuning.can_measure():
         return conv_path(input, weight, stride, padding, dilation, groups)
     with devices.on_device(input):  # run and time on the input's GPU
-        kept = agreeing(op, key, runnable)
-        # a choice made without a candidate that failed or disagreed is not remembered on
-        # disk: a later process (with that kernel fixed, say) measures again
-        return tuning.tuned_choice(key, kept, persist=len(kept) == len(runnable))
+        # the library conv is the reference of the check even where it is not allowed to win
+        reference = {"library": candidates["library"]} if "library" in candidates else {}
+        checked = agreeing(op, key, {**reference, **runnable})
+        kept = {name: fn for name, fn in checked.items() if name in runnable}
+        if not kept:  # every allowed path disagreed (agreeing warned): the reference runs
+            return "library"
+        return tuning.tuned_choice(key, kept, persist=True, describe=lambda: _describe(key),
+                                   left_out=set(runnable) - set(kept))
+
+
+def choice_key(op: str, input, weight, stride, padding, dilation, groups, epilogue: tuple = (),
+               allowed: Optional[frozenset] = None) -> tuple:
+    """What a measured path choice is made for: the op, device, dtype, shapes, layout, conv
+    arguments, the epilogue's description and, when FUSED_RESNET_CONV_PATHS narrows the
+    candidates, the allowed paths (a choice among fewer paths is its own)."""
+    key = (op, input.device.index, input.dtype, tuple(input.shape),
+           layout.is_channels_last(input), tuple(weight.shape), tuple(stride), tuple(padding),
+           tuple(dilation), groups, tuple(epilogue))
+    return key if allowed is None else key + (("paths", ",".join(sorted(allowed))),)
+
+
+def _describe(key: tuple) -> str:
+    """A choice key as one readable line (the tuner's progress line)."""
+    op, _, dtype, shape, channels_last, weight, stride, padding, dilation, groups, epilogue = \
+        key[:11]
+    parts = [op, str(dtype).removeprefix("torch."), "x" + "x".join(map(str, shape)),
+             "channels_last" if channels_last else "nchw", "w" + "x".join(map(str, weight)),
+             f"stride {list(stride)}", f"padding {list(padding)}"]
+    if list(dilation) != [1, 1] or groups != 1:
+        parts.append(f"dilation {list(dilation)} groups {groups}")
+    parts += [f"{name}={value}" for name, value in epilogue + key[11:]
+              if value not in (None, False)]
+    return " ".join(parts)
 
 
 # (choice key, path) -> whether that path agreed with the library conv in this process
@@ -229,7 +294,8 @@ def trusted(op: str, key, path: str, candidates: dict, input, forced: bool = Fal
     disagrees gives way to the library conv, with a warning (forced=True: use_path forced it
     by name, which then raises instead); during CUDA-graph capture, where nothing can be
     checked, an unchecked path gives way too."""
-    if path == "library" or input.device.type != "cuda" or "library" not in candidates:
+    if path == "library" or not tuning.measured_on(input.device) or \
+            "library" not in candidates:
         return path
     if (key, path) not in _agreed:
         if not tuning.can_measure():
@@ -244,12 +310,6 @@ def trusted(op: str, key, path: str, candidates: dict, input, forced: bool = Fal
     return "library"
 
 
-# Normwise relative difference allowed between a candidate's output and the library path's
-# when a choice is measured: bf16 rounding of a conv output is ~4e-3 per element, a wrong
-# kernel (bad index, missing term, garbage) is off by O(1).
-AGREEMENT = 3e-2
-
-
 def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
@@ -258,9 +318,9 @@ def agreeing(op: str, key, candidates: dict) -> dict:
     """The candidates whose output agrees with the library path's on this very input (each
     run once before the timing): a kernel that never ran on this GPU before must not win the
     measurement by being fast and wrong. A disagreeing one (or one that fails) is left out for
-    this shape, with a warning that names it; every verdict is remembered for `key`."""
-    from fused_resnet.verify import agreement_error  # verify imports the ops: not at load
-
+    this shape, with a warning that names it; every verdict is remembered for `key`. Agreeing
+    means: in the normwise error over the whole output, in every 64 x 64 tile of it, in each
+    channel's batch statistics, and with NaN/inf in the same places (compare.conv_agreement)."""
     if "library" not in candidates:
         return candidates
     reference = _as_tuple(candidates["library"]())
@@ -276,14 +336,14 @@ def agreeing(op: str, key, candidates: dict) -> dict:
                           stacklevel=2)
             _agreed[(key, name)] = False
             continue
-        worst = max(agreement_error(a, b) for a, b in zip(got, reference))
-        _agreed[(key, name)] = worst <= AGREEMENT
-        if _agreed[(key, name)]:
+        verdict = conv_agreement(got, reference)
+        _agreed[(key, name)] = verdict.ok
+        if verdict.ok:
             kept[name] = fn
         else:
             warnings.warn(f"fused_resnet: {op} on the {name} path disagrees with the library "
-                          f"conv (normwise difference {worst:.2e}); it is not used for this "
-                          f"shape", RuntimeWarning, stacklevel=2)
+                          f"conv ({verdict}); it is not used for this shape", RuntimeWarning,
+                          stacklevel=2)
     return kept
 
 
@@ -292,12 +352,20 @@ def _output_like(out: Tensor, input: Tensor) -> Tensor:
 
 
 def _affine(out_channels, scale, bias, like):
-    """Per-channel scale and bias in the epilogue's arithmetic dtype (fp32; fp64 for fp64)."""
+    """Per-channel scale and bias in the epilogue's arithmetic dtype (fp32; fp64 for fp64), for
+    kernels that take both: an absent one is a shared constant vector of ones / zeros (kept
+    per size, dtype and device), not a new allocation per call."""
     acc = layout.accumulate_dtype(like)
-    ones = torch.ones(out_channels, dtype=acc, device=like.device)
-    zeros = torch.zeros(out_channels, dtype=acc, device=like.device)
-    return (scale.to(acc) if scale is not None else ones,
-            bias.to(acc) if bias is not None else zeros)
+    return (scale.to(acc) if scale is not None else
+            weight_cache.constant(1.0, out_channels, acc, like),
+            bias.to(acc) if bias is not None else
+            weight_cache.constant(0.0, out_channels, acc, like))
+
+
+def _in_accumulate_dtype(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """t in like's epilogue arithmetic dtype; None stays None (for kernels that skip an absent
+    scale or bias)."""
+    return t.to(layout.accumulate_dtype(like)) if t is not None else None
 
 
 def _conv_out_shape(input, weight, stride, padding, dilation):
@@ -333,11 +401,10 @@ def allows_tf32() -> bool:
 # ---- conv2d_epilogue ----------------------------------------------------------------------------
 def _epilogue_triton(input, weight, stride, padding, scale, bias, residual, relu):
     conv = _conv_kernels()
-    scale_f, bias_f = _affine(weight.shape[0], scale, bias, input)
     # The kernel skips what is absent (eval: the BN scale is folded into the weight).
     out, _ = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
-                              scale=scale_f if scale is not None else None,
-                              bias=bias_f if bias is not None else None, residual=residual,
+                              scale=_in_accumulate_dtype(scale, input),
+                              bias=_in_accumulate_dtype(bias, input), residual=residual,
                               relu=relu, allow_tf32=allows_tf32())
     return _output_like(out, input)
 
@@ -351,18 +418,48 @@ def _epilogue_library(input, weight, stride, padding, dilation, groups, scale, b
 
 
 def _epilogue_mkldnn(input, weight, stride, padding, dilation, groups, bias, residual, relu):
-    _, bias_f = _affine(weight.shape[0], None, bias, input)
-    return conv_mkldnn.conv2d_act(input, weight, bias_f, stride, padding, dilation, groups,
-                                  residual, relu)
+    return conv_mkldnn.conv2d_act(input, weight, _in_accumulate_dtype(bias, input), stride,
+                                  padding, dilation, groups, residual, relu)
+
+
+def _cutlass_weight(weight: Tensor) -> Tensor:
+    """The weight as the CUTLASS op reads it (KRSC: channels_last, dense), made once per state
+    of the weight (fused_resnet.weight_cache) so the op copies nothing per call. (The stem's
+    C_in = 3 weight is still zero-padded to 8 by the op, a copy of a few kilobytes.)"""
+    return weight_cache.derived(
+        weight, "cutlass_krsc", lambda: weight.contiguous(memory_format=torch.channels_last))
 
 
 def _epilogue_cutlass(input, weight, stride, padding, bias, residual, relu):
     _, bias_f = _affine(weight.shape[0], None, bias, input)
     if residual is not None:
         residual = residual.to(input.dtype)
-    out = torch.ops.fused_resnet.conv2d_bias_act_cutlass(input, weight, stride[0], padding[0],
-                                                         bias_f, residual, relu)
+    out = torch.ops.fused_resnet.conv2d_bias_act_cutlass(input, _cutlass_weight(weight),
+                                                         stride[0], padding[0], bias_f, residual,
+                                                         relu)
     return _output_like(out, input)
+
+
+def _cutlass_out(input, weight, stride: int, padding: int):
+    """What the CUTLASS ops return: the conv output, channels_last, in the input's dtype."""
+    return torch.empty(_conv_out_shape(input, weight, [stride] * 2, [padding] * 2, [1, 1]),
+                       dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+
+
+def _register_cutlass_fakes():
+    """Fake kernels of the CUTLASS ops (defined in C++, csrc/cutlass_conv/ops.cpp, where built),
+    so fake tensors trace them (torch.compile, torch.export, fused_resnet.aot.rehearsal)."""
+    if not _extension.available() or not getattr(_extension.load(), "with_cutlass", 0):
+        return
+    torch.library.register_fake("fused_resnet::conv2d_bias_act_cutlass")(
+        lambda input, weight, stride, padding, bias, residual, relu:
+        _cutlass_out(input, weight, stride, padding))
+    torch.library.register_fake("fused_resnet::bn_relu_conv2d_cutlass")(
+        lambda input, scale, shift, weight, stride, padding:
+        _cutlass_out(input, weight, stride, padding))
+
+
+_register_cutlass_fakes()
 
 
 def _epilogue_plan(input, weight, stride, padding, dilation, groups, scale, bias, residual,
@@ -395,7 +492,17 @@ def _epilogue_forward(input, weight, stride, padding, dilation, groups, scale, b
                       relu):
     candidates, conv = _epilogue_plan(input, weight, stride, padding, dilation, groups, scale,
                                       bias, residual, relu)
-    return candidates[choose_path("epilogue", candidates, *conv)]()
+    epilogue = (("scale", scale is not None), ("bias", bias is not None),
+                ("residual", _layout_of(residual)), ("relu", relu))
+    return candidates[choose_path("epilogue", candidates, *conv, epilogue=epilogue)]()
+
+
+def _layout_of(t: Optional[Tensor]):
+    """What of an extra operand changes a kernel's speed or result: dtype and memory layout."""
+    if t is None:
+        return None
+    return str(t.dtype).removeprefix("torch."), \
+        "channels_last" if layout.is_channels_last(t) else "nchw"
 
 
 @conv2d_epilogue.register_fake
@@ -407,9 +514,9 @@ def _(input, weight, stride, padding, dilation, groups, scale, bias, residual, r
 def _dual_triton(input, weight, stride, padding, shortcut_input, shortcut_weight,
                  shortcut_stride, bias, relu):
     conv = _conv_kernels()
-    _, bias_f = _affine(weight.shape[0], None, bias, input)
     out, _ = conv.conv2d_nhwc(
-        input, conv.pack_weight(weight), stride[0], padding[0], bias=bias_f, relu=relu,
+        input, conv.pack_weight(weight), stride[0], padding[0],
+        bias=_in_accumulate_dtype(bias, input), relu=relu,
         shortcut=(shortcut_input, conv.pack_weight(shortcut_weight), shortcut_stride),
         allow_tf32=allows_tf32())
     return _output_like(out, input)
@@ -437,8 +544,8 @@ def _dual_mkldnn(input, weight, stride, padding, shortcut_input, shortcut_weight
                  shortcut_stride, bias, relu):
     """The projection shortcut with the whole bias, then conv3 adding itself (and the ReLU) into
     that shortcut, which nobody else holds: two oneDNN primitives, no extra pass."""
-    _, bias_f = _affine(weight.shape[0], None, bias, input)
-    shortcut = conv_mkldnn.conv2d_act(shortcut_input, shortcut_weight, bias_f,
+    shortcut = conv_mkldnn.conv2d_act(shortcut_input, shortcut_weight,
+                                      _in_accumulate_dtype(bias, input),
                                       [shortcut_stride] * 2, [0, 0], [1, 1], 1, relu=False)
     return conv_mkldnn.conv2d_act(input, weight, None, stride, padding, [1, 1], 1,
                                   residual=shortcut, relu=relu, into_residual=True)
@@ -516,7 +623,10 @@ def _dual_forward(input, weight, stride, padding, shortcut_input, shortcut_weigh
                                   shortcut_weight, shortcut_stride, bias, relu)
     if len(candidates) == 1:
         return candidates["library"]()
-    return candidates[choose_path("dual", candidates, *conv)]()
+    epilogue = (("shortcut", (tuple(shortcut_input.shape), _layout_of(shortcut_input),
+                              tuple(shortcut_weight.shape), shortcut_stride)),
+                ("bias", bias is not None), ("relu", relu))
+    return candidates[choose_path("dual", candidates, *conv, epilogue=epilogue)]()
 
 
 def run_conv2d_dual_epilogue(input, weight, stride, padding, shortcut_input, shortcut_weight,
@@ -574,7 +684,7 @@ def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: l
 def conv2d_bn_stats_forward(input, weight, stride, padding, dilation, groups):
     """conv2d_bn_stats's implementation (for another op's implementation to call directly)."""
     candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
-    return candidates[choose_path("bn_stats", candidates, *conv)]()
+    return candidates[choose_path("bn_stats", candidates, *conv, epilogue=(("stats", True),))]()
 
 
 @conv2d_bn_stats.register_fake

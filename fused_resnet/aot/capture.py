@@ -35,6 +35,7 @@ class TensorSpec:
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0  # storage offset, in elements (a view's base pointer is shifted by it)
 
     def meta(self, dtype_map: Dict[torch.dtype, torch.dtype]) -> torch.Tensor:
         return torch.empty_strided(self.shape, self.stride, dtype=dtype_map.get(self.dtype,
@@ -49,11 +50,13 @@ class OpCall:
     context: str = field(compare=False, hash=False, default="")
 
 
-def _describe(value):
+def describe(value):
+    """`value` with each tensor in it replaced by its TensorSpec (lists become tuples)."""
     if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype)
+        return TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype,
+                          value.storage_offset())
     if isinstance(value, (list, tuple)):
-        return tuple(_describe(v) for v in value)
+        return tuple(describe(v) for v in value)
     return value
 
 
@@ -65,9 +68,18 @@ def _replay(value, dtype_map):
     return value
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Records every fused_resnet op call and runs it, with itself active again inside so the
-    calls the op's implementation makes are recorded too."""
+def op_call(func, args: tuple, kwargs: dict, context: str) -> OpCall:
+    """The OpCall of fused_resnet op `func` called with (args, kwargs), in schema order."""
+    schema_args = func._schema.arguments
+    ordered = list(args) + [kwargs[a.name] for a in schema_args[len(args):] if a.name in kwargs]
+    return OpCall(func._schema.name.split("::")[1], tuple(describe(a) for a in ordered),
+                  context)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every fused_resnet op call and runs it (run: its CPU implementation), with
+    itself active again inside so the calls the op's implementation makes are recorded too.
+    Other ops pass through (passthrough)."""
 
     def __init__(self, context: str):
         super().__init__()
@@ -77,12 +89,15 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace != NAMESPACE:
-            return func(*args, **kwargs)
-        schema_args = func._schema.arguments
-        ordered = list(args) + [kwargs[a.name] for a in schema_args[len(args):]
-                                if a.name in kwargs]
-        self.calls.append(OpCall(func._schema.name.split("::")[1],
-                                 tuple(_describe(a) for a in ordered), self.context))
+            return self.passthrough(func, args, kwargs)
+        call = op_call(func, args, kwargs, self.context)
+        self.calls.append(call)
+        return self.run(func, call, args, kwargs)
+
+    def passthrough(self, func, args: tuple, kwargs: dict):
+        return func(*args, **kwargs)
+
+    def run(self, func, call: OpCall, args: tuple, kwargs: dict):
         keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
         with self:
             return func.redispatch(keys, *args, **kwargs)
@@ -141,7 +156,7 @@ def record_op_calls(models=None) -> List[OpCall]:
                     for train in (False, True):
                         context = f"{name} {'train' if train else 'eval'} {layout} " \
                                   f"{str(dtype).replace('torch.', '')}"
-                        recorder = _OpRecorder(context)
+                        recorder = OpRecorder(context)
                         with recorder:
                             _run_model(model, image_size, dtype, layout, train)
                         for call in recorder.calls:
@@ -157,6 +172,7 @@ class Launch:
     kwargs: dict
     context: str
     guarded: bool  # launched under devices.on_device (on the tensors' own CUDA device)
+    grid: object = None  # as given to kernel[grid]: a tuple, or a callable of the arguments
 
 
 @contextlib.contextmanager
@@ -171,7 +187,7 @@ def recorded_launches(context_of=lambda: ""):
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, dict(kwargs), context_of(), devices.guarded()))
+        launches.append(Launch(self, args, dict(kwargs), context_of(), devices.guarded(), grid))
 
     JITFunction.run = record
     try:

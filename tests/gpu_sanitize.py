@@ -16,6 +16,9 @@ besides PyTorch's copies and casts):
 
     compute-sanitizer --tool memcheck --error-exitcode 9 python tests/gpu_sanitize.py
     python tests/gpu_sanitize.py --dry-run     # no GPU: the same cases on CPU tensors
+    python tests/gpu_sanitize.py --parts bn,triton   # only these parts (aim the sanitizer:
+                                               # bn, cutlass_plans, cutlass, cutlass_misaligned,
+                                               # triton; default all)
 
 --dry-run (what benchmarks/gpu_session.sh --dry-run runs, so this file cannot rot): the BN
 cases run the C++ CPU kernels, the Triton cases run under the interpreter at tiny sizes, and
@@ -26,11 +29,13 @@ Exit status: 0 clean, 1 mismatches (compute-sanitizer's own findings: its --erro
 import os
 import sys
 
-DRY_RUN = "--dry-run" in sys.argv[1:]
-if DRY_RUN:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import torch
 
-import torch  # noqa: E402
+DRY_RUN = "--dry-run" in sys.argv[1:]
+# GPU presence is torch's answer; asking it does not import triton (which reads this on import)
+if DRY_RUN or not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch.nn.functional as F  # noqa: E402
 
 import fused_resnet  # noqa: E402,F401  (registers torch.ops.fused_resnet)
@@ -293,6 +298,19 @@ def triton_cases(chk: Checker) -> None:
                 chk.close(f"{label} var", stats[1], var, tol)
 
 
+def _chosen_parts(names: list) -> set:
+    """--parts a,b (names with '_' for ' '): those parts only; none given: all."""
+    args = sys.argv[1:]
+    if "--parts" not in args:
+        return set(names)
+    wanted = {w.replace("_", " ") for w in args[args.index("--parts") + 1].split(",") if w}
+    unknown = wanted - set(names)
+    if unknown:
+        raise SystemExit(f"gpu_sanitize: unknown part(s) {sorted(unknown)}; parts here: "
+                         f"{', '.join(n.replace(' ', '_') for n in names)}")
+    return wanted
+
+
 def main() -> int:
     device = "cpu" if DRY_RUN else "cuda"
     if device == "cuda":
@@ -304,7 +322,10 @@ def main() -> int:
     parts += [("cutlass", cutlass_cases)] if device == "cuda" else []
     parts += [("cutlass misaligned", cutlass_misaligned)]
     parts += [("triton", triton_cases)]
+    chosen = _chosen_parts([name for name, _ in parts])
     for name, part in parts:
+        if name not in chosen:
+            continue
         before = chk.cases
         part(chk)
         print(f"gpu_sanitize: {name}: {chk.cases - before} checks", flush=True)

@@ -8,20 +8,11 @@ import pytest
 import torch
 
 import fused_resnet as fr
+from fused_resnet.demo import digits
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("sklearn.datasets")
 
 STEPS, BATCH = 300, 64
-
-
-def _digits():
-    digits = sklearn_datasets.load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = (x - 0.5).repeat(1, 3, 1, 1)  # 3 input channels, as the CIFAR stem expects
-    y = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(y), generator=g)
-    return x[order[:1500]], y[order[:1500]], x[order[1500:]], y[order[1500:]]
 
 
 def _train(model, x, y):
@@ -46,7 +37,7 @@ def _accuracy(model, x, y):
 
 
 def test_fused_and_unfused_train_alike_on_digits():
-    x, y, x_test, y_test = _digits()
+    x, y, x_test, y_test = digits()
     torch.manual_seed(0)
     model = fr.models.cifar_resnet(8, num_classes=10)
     fused = fr.fuse_(copy.deepcopy(model))

@@ -46,13 +46,13 @@ class _Spy:
         real = conv_mkldnn.conv2d_act
 
         def spy(input, weight, bias, stride, padding, dilation, groups, residual=None,
-                relu=True, into_residual=False):
+                relu=True, into_residual=False, bound=None):
             self.calls += 1
             self.prepacked += int(weight.is_mkldnn)
             if into_residual:
                 self.into_residual.append(residual)
             return real(input, weight, bias, stride, padding, dilation, groups, residual, relu,
-                        into_residual)
+                        into_residual, bound)
 
         monkeypatch.setattr(conv_mkldnn, "conv2d_act", spy)
 

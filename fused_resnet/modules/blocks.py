@@ -13,8 +13,8 @@ from fused_resnet import functional
 from fused_resnet.models import PlainBlock
 from fused_resnet.modules import norms, unfused
 from fused_resnet.ops import conv as conv_ops
-from fused_resnet.modules.conv_bn_act import (conv_bn_act, conv_bn_relu_chain, folded_weights,
-                                              prepacked_applies)
+from fused_resnet.modules.conv_bn_act import (Bounds, conv_bn_act, conv_bn_relu_chain,
+                                              folded_weights, prepacked_applies)
 
 
 
@@ -124,17 +124,22 @@ class FusedBlock(nn.Module):
         unfused.copy_backward_hook_kind(self, block)  # the hooks themselves are shared
         return block.train(self.training)
 
+    # The tensor a FusedSequential donated for the next call: a plain attribute read and
+    # assigned (not __dict__.pop), which every supported torch.compile traces
+    _donated = None
+
     def donate(self, x: Tensor) -> None:
         """Called by a FusedSequential just before it calls this block with x: nobody else
         holds x, so the block may overwrite it."""
-        self.__dict__["_donated"] = x
+        self._donated = x
 
     def withdraw(self) -> None:
         """Called by the FusedSequential once the call returned or raised."""
-        self.__dict__.pop("_donated", None)
+        self._donated = None
 
     def forward(self, x: Tensor) -> Tensor:
-        donated = self.__dict__.pop("_donated", None) is x
+        donated = self._donated is x
+        self._donated = None
         why = unfused.reason(self, x)
         if why is not None:  # hooks on inner modules, or FX tracing: fused_resnet.modules.unfused
             unfused.say_once(self, why)
@@ -147,10 +152,12 @@ class FusedBlock(nn.Module):
     def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
         raise NotImplementedError
 
-    def _identity(self, x: Tensor, donated: bool, updates: list) -> tuple[Tensor, bool]:
+    def _identity(self, x: Tensor, donated: bool, updates: list,
+                  bounds: Bounds) -> tuple[Tensor, bool]:
         """(the shortcut, whether nobody else holds it): x itself (held by the caller unless
         donated), a projection computed here (ours), or what another shortcut module returns
-        (not ours to overwrite: it may be x, or kept by a hook)."""
+        (not ours to overwrite: it may be x, or kept by a hook). bounds: the block's (see
+        fused_resnet.modules.conv_bn_act), shared by all its steps."""
         if self.downsample is None:
             return x, donated
         parts = downsample_parts(self.downsample)
@@ -160,7 +167,7 @@ class FusedBlock(nn.Module):
         if pool is not None:
             x = pool(x)
         return conv_bn_act(conv, bn, x, relu=False, cache=self._caches["downsample"],
-                           updates=updates), True
+                           updates=updates, bounds=bounds), True
 
     def _steps(self, count: int) -> list:
         """[(conv_i, bn_i, fold cache_i)] for i = 1..count, for conv_bn_relu_chain."""
@@ -179,9 +186,10 @@ class FusedBasicBlock(FusedBlock):
         return tv.BasicBlock
 
     def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
-        identity, writable = self._identity(x, donated, updates)
+        bounds = Bounds()
+        identity, writable = self._identity(x, donated, updates, bounds)
         return conv_bn_relu_chain(self._steps(2), x, residual=identity, updates=updates,
-                                  residual_writable=writable)
+                                  residual_writable=writable, bounds=bounds)
 
 
 class FusedPlainBlock(FusedBlock):
@@ -210,16 +218,17 @@ class FusedBottleneck(FusedBlock):
         return tv.Bottleneck
 
     def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
+        bounds = Bounds()
         if norms.uses_batch_statistics(self.bn3):
-            identity, writable = self._identity(x, donated, updates)
+            identity, writable = self._identity(x, donated, updates, bounds)
             return conv_bn_relu_chain(self._steps(3), x, residual=identity, updates=updates,
-                                      residual_writable=writable)
-        out = conv_bn_relu_chain(self._steps(2), x, updates=updates)
+                                      residual_writable=writable, bounds=bounds)
+        out = conv_bn_relu_chain(self._steps(2), x, updates=updates, bounds=bounds)
         if self._can_fuse_projection(out, x):
             return self._conv3_with_projection(out, x)
-        identity, writable = self._identity(x, donated, updates)
+        identity, writable = self._identity(x, donated, updates, bounds)
         return conv_bn_act(self.conv3, self.bn3, out, residual=identity, cache=self._caches["3"],
-                           updates=updates, residual_writable=writable)
+                           updates=updates, residual_writable=writable, bounds=bounds)
 
     def _can_fuse_projection(self, out: Tensor, x: Tensor) -> bool:
         """Whether conv3 and the projection shortcut run as one GEMM op. Not on the CPU

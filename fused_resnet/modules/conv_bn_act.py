@@ -21,8 +21,13 @@ through the fused ops, one pair (conv_bn_act) or a chain of pairs joined by ReLU
   once into oneDNN's blocked format (cached and invalidated with the folded weights), and
   writes the residual add into the residual when the caller says nobody else holds it
   (`residual_writable`: a block's own shortcut output, or an input donated by
-  fused_resnet.modules.stage).
+  fused_resnet.modules.stage). oneDNN's ReLU post-op loses NaN, so it runs only where the
+  output is known to be finite (fused_resnet.ops.conv_mkldnn): a block measures its input once
+  (`Bounds`) and each step's bound follows from its input's, its folded weight's gain and its
+  residual's, so the check costs one read of the block input.
 """
+
+import math
 
 from typing import NamedTuple, Optional, Sequence
 
@@ -87,31 +92,60 @@ def prepacked_applies(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual,
     return conv_ops.mkldnn_chosen(x, conv.weight, dtype, residual is not None)
 
 
+class Bounds:
+    """Upper bounds on |t| for the tensors the CPU inference fast path passes between the
+    steps of one block (or one standalone step): measured once for a tensor that comes from
+    outside (conv_mkldnn.max_abs), computed for each step's output (conv_mkldnn.output_bound;
+    inf where the output may not be finite). Tensors are matched by identity."""
+
+    def __init__(self):
+        self._known: list = []  # [(tensor, bound)]
+
+    def of(self, t: Optional[Tensor]) -> float:
+        if t is None:
+            return 0.0
+        for known, bound in self._known:
+            if known is t:
+                return bound
+        bound = conv_mkldnn.max_abs(t)
+        self._known.append((t, bound))
+        return bound
+
+    def set(self, t: Tensor, bound: float) -> None:
+        """t's bound (t may be a tensor written in place: its old bound is dropped)."""
+        self._known = [(k, b) for k, b in self._known if k is not t] + [(t, bound)]
+
+
 def _prepacked_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, cache: dict):
-    """(x, prepacked folded weight, shift) for the oneDNN fast path: x in the autocast dtype,
-    the weight folded, cast to x's dtype and reordered for x's shape and layout once; kept in
-    `cache` until the folded weights change or the input's shape, dtype or layout does."""
+    """(x, prepacked folded weight, shift, the folded weight's gain) for the oneDNN fast path:
+    x in the autocast dtype, the weight folded, cast to x's dtype and reordered for x's shape
+    and layout once; kept in `cache` until the folded weights change or the input's shape,
+    dtype or layout does."""
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)
     key = (cache["key"], x.dtype, tuple(x.shape), layout.kernel_format(x))
     entry = cache.get("packed")
     if entry is None or entry[0] != key:
         stride, padding, dilation, groups = _conv_args(conv)
-        # one assignment of (key, weight): a thread serving the same module never reads a
-        # weight under another shape's key
+        # one assignment of (key, weight, gain): a thread serving the same module never reads
+        # a weight under another shape's key
         entry = (key, conv_mkldnn.prepack(weight.to(x.dtype), stride, padding, dilation, groups,
-                                          x))
+                                          x), conv_mkldnn.weight_gain(weight))
         cache["packed"] = entry
-    return x, entry[1], shift
+    return x, entry[1], shift, entry[2]
 
 
 def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
                            residual: Optional[Tensor], relu: bool, cache: dict,
-                           residual_writable: bool) -> Tensor:
-    x, weight, shift = _prepacked_weights(conv, bn, x, cache)
+                           residual_writable: bool, bounds: Bounds) -> Tensor:
+    bound = bounds.of(x)  # before the autocast cast, which makes a new tensor
+    x, weight, shift, gain = _prepacked_weights(conv, bn, x, cache)
+    bound = conv_mkldnn.output_bound(bound, gain, shift, bounds.of(residual))
     stride, padding, dilation, groups = _conv_args(conv)
-    return conv_mkldnn.conv2d_act(x, weight, shift, stride, padding, dilation, groups,
-                                  residual, relu, into_residual=residual_writable)
+    out = conv_mkldnn.conv2d_act(x, weight, shift, stride, padding, dilation, groups,
+                                 residual, relu, into_residual=residual_writable, bound=bound)
+    bounds.set(out, bound if conv_mkldnn.keeps_finite(bound) else math.inf)
+    return out
 
 
 class _Pending(NamedTuple):
@@ -179,17 +213,20 @@ def _finish(pending: _Pending, residual: Optional[Tensor], relu: bool,
 
 def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = None,
                        relu: bool = True, updates: Optional[list] = None,
-                       residual_writable: bool = False) -> Tensor:
+                       residual_writable: bool = False,
+                       bounds: Optional[Bounds] = None) -> Tensor:
     """relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + residual) for steps =
     [(conv_i, bn_i, fold cache_i)], ReLU between the steps always, at the end if `relu`.
     Training BNs pass their statistics along instead of their activation (see the module
     docstring); eval BNs and unsupported convs go one pair at a time.
     updates: a list collecting the BNs' running-statistics updates, for the caller to apply
     once nothing else can raise; None applies them once the whole chain has run.
-    residual_writable: as conv_bn_act's."""
+    residual_writable, bounds: as conv_bn_act's."""
     if updates is None:
         return functional.with_running_stats_updates(conv_bn_relu_chain, steps, x, residual,
-                                                     relu, residual_writable=residual_writable)
+                                                     relu, residual_writable=residual_writable,
+                                                     bounds=bounds)
+    bounds = Bounds() if bounds is None else bounds
     pending = None
     for i, (conv, bn, cache) in enumerate(steps):
         last = i == len(steps) - 1
@@ -200,21 +237,25 @@ def conv_bn_relu_chain(steps: Sequence, x: Tensor, residual: Optional[Tensor] = 
         if pending is not None:
             x, pending = _finish(pending, None, True, updates), None
         x = conv_bn_act(conv, bn, x, residual if last else None, relu or not last, cache,
-                        updates, residual_writable=last and residual_writable)
+                        updates, residual_writable=last and residual_writable, bounds=bounds)
     return x if pending is None else _finish(pending, residual, relu, updates)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None,
                 relu: bool = True, cache: Optional[dict] = None,
-                updates: Optional[list] = None, residual_writable: bool = False) -> Tensor:
+                updates: Optional[list] = None, residual_writable: bool = False,
+                bounds: Optional[Bounds] = None) -> Tensor:
     """relu(bn(conv(x)) + residual) (ReLU and residual optional) with conv's and bn's own
     parameters and buffers, nn.BatchNorm2d semantics in train and eval.
     updates: as conv_bn_relu_chain's.
     residual_writable: nobody but the caller holds `residual` (nor a view of it) and the
-    caller does not use it afterwards, so the CPU fast path may write the result into it."""
+    caller does not use it afterwards, so the CPU fast path may write the result into it.
+    bounds: the Bounds of the caller's block (the CPU fast path's NaN guard; a new one if
+    None)."""
     if updates is None:
         return functional.with_running_stats_updates(conv_bn_act, conv, bn, x, residual, relu,
-                                                     cache, residual_writable=residual_writable)
+                                                     cache, residual_writable=residual_writable,
+                                                     bounds=bounds)
     args = _conv_args(conv)
     group = norms.sync_group(bn) if args is None else None
     if group is not None:  # plain conv, synchronised BN
@@ -230,7 +271,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
     if uses_batch_statistics(bn):
         return _finish(_conv_with_stats(conv, x, bn, updates), residual, relu, updates)
     if prepacked_applies(conv, bn, x, residual, cache):
-        return _conv_bn_act_prepacked(conv, bn, x, residual, relu, cache, residual_writable)
+        return _conv_bn_act_prepacked(conv, bn, x, residual, relu, cache, residual_writable,
+                                      Bounds() if bounds is None else bounds)
     stride, padding, dilation, groups = args
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)

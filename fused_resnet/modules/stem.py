@@ -32,8 +32,13 @@ class _StemNorm:
     """The BN of a fused stem: its own forward passes x through (FusedStem already normalised),
     unless FusedStem said it returned the raw conv output this time."""
 
+    # Set by FusedStem before each call: a plain attribute read and assigned (not
+    # __dict__.pop), which every supported torch.compile traces
+    _normalise_next = False
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.__dict__.pop("_normalise_next", False):
+        if self._normalise_next:
+            self._normalise_next = False
             return super().forward(x)  # the original class's forward
         return x
 
@@ -112,7 +117,7 @@ class FusedStem(nn.Conv2d):
         if not self.bn_in_place() and not self._adopt_new_bn():
             return super().forward(x)
         why = self._why_unfused(x)
-        self._stem_bn.__dict__["_normalise_next"] = why is not None
+        self._stem_bn._normalise_next = why is not None
         if why is not None:
             unfused.say_once(self, why)
             return super().forward(x)

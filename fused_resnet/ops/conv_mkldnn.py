@@ -10,8 +10,16 @@ convolution:
 fp32 always; bfloat16 where the CPU has native bf16 support (oneDNN says so); inference only
 (the ops have no autograd formula). The caller decides when a residual may be overwritten
 (`into_residual`): only a tensor nobody else can see (fused_resnet.modules.stage).
+
+NaN: oneDNN's ReLU post-op is max(x, 0) in a form that turns NaN into 0 (torch.relu keeps NaN).
+So the post-op is used only where the output before the ReLU is known to be finite: an upper
+bound on |conv(x) + bias + residual| from bounds on |x| and |residual| and the weight's gain
+(max over output channels of sum |w|) is below SAFE_BOUND. Otherwise the conv runs without the
+post-op and torch.relu_ follows, which keeps NaN (and a NaN made inside the conv, e.g. inf * 0
+or inf - inf, since the bound of a non-finite input is itself not finite).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -92,6 +100,49 @@ def prepack(weight: Tensor, stride, padding, dilation, groups: int, input: Tenso
         list(dilation), groups, list(input.shape))
 
 
+# Finite operands whose bound is below this give a finite conv output: fp32's largest value is
+# ~2**128, and the margin of 2**28 covers the rounding of fp32 (or bf16) accumulation and the
+# growth inside oneDNN's algorithms (e.g. Winograd's input transforms) many times over.
+SAFE_BOUND = 2.0 ** 100
+
+
+def max_abs(t: Optional[Tensor]) -> float:
+    """max |t| (one pass over t; NaN or inf if t holds a NaN or an inf); 0 for None or empty."""
+    if t is None or t.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(_in_memory_order(t.detach()))  # both NaN when t holds a NaN
+    return torch.maximum(-low, high).item()
+
+
+def _in_memory_order(t: Tensor) -> Tensor:
+    """t's elements as a 1-D view in memory order where t is dense (a full reduction over a
+    channels_last tensor as such takes a path ~50x slower than over its memory)."""
+    if t.dim() == 4 and not t.is_contiguous() and \
+            t.is_contiguous(memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(-1)
+
+
+def weight_gain(weight: Tensor) -> float:
+    """max over output channels of sum |w|: |conv(x, w)| <= weight_gain(w) * max |x| (zero
+    padding included); inf for a prepacked (opaque) weight, whose values are not readable."""
+    if weight.is_mkldnn:
+        return math.inf
+    return weight.detach().double().abs().sum(dim=(1, 2, 3)).max().item()
+
+
+def output_bound(input_bound: float, gain: float, bias: Optional[Tensor],
+                 residual_bound: float = 0.0) -> float:
+    """An upper bound on |conv(x, w) + bias + residual| from bounds on |x| and |residual|
+    (NaN or inf when any of them is not finite)."""
+    return input_bound * gain + max_abs(bias) + residual_bound
+
+
+def keeps_finite(bound: float) -> bool:
+    """Whether an output with this bound is surely finite (False for NaN / inf bounds)."""
+    return bound < SAFE_BOUND
+
+
 def _same_dense_layout(residual: Tensor, input: Tensor) -> bool:
     """Whether `residual` is dense in `input`'s memory format (the output written into it then
     has the layout an out-of-place result would have)."""
@@ -100,11 +151,21 @@ def _same_dense_layout(residual: Tensor, input: Tensor) -> bool:
 
 def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                groups: int, residual: Optional[Tensor] = None, relu: bool = True,
-               into_residual: bool = False) -> Tensor:
+               into_residual: bool = False, bound: Optional[float] = None) -> Tensor:
     """relu(conv2d(input, weight) + bias + residual) (bias, residual and ReLU optional) in one
     oneDNN primitive. weight: dense, or prepacked by `prepack` for this input's layout.
     into_residual: write the result into `residual` (same shape and dtype) and return it;
-    the caller guarantees nobody else holds it."""
+    the caller guarantees nobody else holds it.
+    bound: `output_bound` of this call if the caller knows one cheaply; else, with a ReLU, it
+    is measured here (one pass over input and residual). The ReLU is a post-op only where the
+    bound says the output is finite (module docstring), so NaN and inf come out as from
+    torch.relu."""
+    if relu and bound is None:
+        bound = output_bound(max_abs(input), weight_gain(weight), bias, max_abs(residual))
+    if relu and not keeps_finite(bound):
+        out = conv2d_act(input, weight, bias, stride, padding, dilation, groups, residual,
+                         relu=False, into_residual=into_residual)
+        return torch.relu_(out)  # ours: a new tensor, or the residual we were given to overwrite
     args = (list(padding), list(stride), list(dilation), groups)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()

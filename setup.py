@@ -187,7 +187,7 @@ def _has_ninja_module():
 
 setup(
     packages=["fused_resnet", "fused_resnet.ops", "fused_resnet.modules", "fused_resnet.bench",
-              "fused_resnet.aot", "fused_resnet.kernels"],
+              "fused_resnet.bench.roofline", "fused_resnet.aot", "fused_resnet.kernels"],
     package_dir={"fused_resnet.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),

@@ -1,6 +1,7 @@
-"""Triton implicit-GEMM 2-D convolution over NHWC (channels_last) input with fused epilogues
-(groundwork of the fused-convolution issue: kernel and launcher; ops, autotuning and the
-per-shape dispatcher come next).
+"""Triton implicit-GEMM 2-D convolution over NHWC (channels_last) input with fused epilogues:
+the kernel, its tile configurations and its launcher, which measures the tiles once per shape
+(fused_resnet.tuning). The torch.library ops and the per-shape dispatcher that choose this
+kernel or another implementation live in fused_resnet.ops.conv.
 
     out[m, n] = epilogue( sum_k A[m, k] * B[k, n]  (+ sum_k' A2[m, k'] * B2[k', n]) )
 

@@ -1,5 +1,5 @@
-"""The Triton implicit-GEMM conv (fused_resnet.kernels.conv, groundwork of the fused-convolution
-issue) under the interpreter: every torchvision ResNet conv kind with each epilogue, the
+"""The Triton implicit-GEMM conv (fused_resnet.kernels.conv, its kernel and launcher called
+directly) under the interpreter: every torchvision ResNet conv kind with each epilogue, the
 statistics epilogue and the fused projection shortcut, against F.conv2d in the same dtype and
 in float64 (error <= 2x PyTorch's own + a few rounding units, fused_resnet.verify.compare)."""
 

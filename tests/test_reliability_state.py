@@ -1,4 +1,4 @@
-"""No silent corruption of a model's state (issue 11):
+"""No silent corruption of a model's state:
 
 - an empty batch (N=0) does what nn.BatchNorm2d does: empty output, gradients that flow (zeros
   for the BN parameters), running statistics left exactly as they were, num_batches_tracked

@@ -1,4 +1,4 @@
-"""Custom ops of the fused convolution (groundwork of the fused-convolution issue):
+"""Custom ops of the fused convolution:
 
     conv2d_epilogue(input, weight, stride, padding, dilation, groups, scale?, bias?, residual?,
                     relu) -> out

@@ -278,6 +278,23 @@ def test_conv2d_epilogue_op_runs_onednn_on_cpu():
                                 [1, 1], [1, 1], 1) == "mkldnn"
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_onednn_conv_of_a_single_pixel_map_with_channels_last_strides(residual):
+    """A 1x1 map (layer4 of a small image) as a channels_last producer leaves it, strides
+    (C, 1, C, C), beside a dense channels_last weight: torch 2.11's oneDNN ops raised "could not
+    create a memory" on it (torch.compile of a fused resnet18 at 32px); it must compute."""
+    torch.manual_seed(0)
+    x = torch.randn(2 * 64).as_strided((2, 64, 1, 1), (64, 1, 64, 64))
+    w = torch.randn(64, 64, 3, 3).contiguous(memory_format=CL)
+    b = torch.randn(64)
+    r = torch.randn(2 * 64).as_strided((2, 64, 1, 1), (64, 1, 64, 64)) if residual else None
+    out = torch.ops.fused_resnet.conv2d_epilogue(x, w, [1, 1], [1, 1], [1, 1], 1, None, b, r,
+                                                 True)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 1, 1)
+    ref = torch.relu(ref + r.double() if residual else ref)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_compile_fullgraph_and_export_of_the_cpu_path():
     model = _model("resnet18").to(memory_format=CL)
     fused = fr.fuse_(copy.deepcopy(model))

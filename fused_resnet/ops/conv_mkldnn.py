@@ -149,6 +149,31 @@ def _same_dense_layout(residual: Tensor, input: Tensor) -> bool:
     return residual.is_contiguous(memory_format=layout.kernel_format(input))
 
 
+def _single_pixel(t: Optional[Tensor]) -> bool:
+    return t is not None and t.dim() == 4 and t.shape[2] * t.shape[3] == 1
+
+
+def _without_pixel_ambiguity(input: Tensor, residual: Optional[Tensor], weight: Tensor):
+    """A 1x1 feature map is dense in both layouts and can carry either stride set (e.g.
+    (C, 1, C, C) from a channels_last producer). torch < 2.14's oneDNN ops fail on it ("could
+    not create a memory") unless it has NCHW strides and a dense weight is NCHW too, so such
+    calls get NCHW-strided views (no copy) and an NCHW weight; a prepacked (opaque) weight
+    carries its own format."""
+    if not (_single_pixel(input) and input.is_contiguous()):
+        return input, residual, weight
+    input = input.as_strided(input.shape, _nchw_strides(input.shape))
+    if _single_pixel(residual) and residual.is_contiguous():
+        residual = residual.as_strided(residual.shape, _nchw_strides(residual.shape))
+    if weight.layout == torch.strided:
+        weight = weight.contiguous()
+    return input, residual, weight
+
+
+def _nchw_strides(shape) -> tuple:
+    n, c, h, w = shape
+    return (c * h * w, h * w, w, 1)
+
+
 def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                groups: int, residual: Optional[Tensor] = None, relu: bool = True,
                into_residual: bool = False, bound: Optional[float] = None) -> Tensor:
@@ -167,6 +192,7 @@ def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
                          relu=False, into_residual=into_residual)
         return torch.relu_(out)  # ours: a new tensor, or the residual we were given to overwrite
     args = (list(padding), list(stride), list(dilation), groups)
+    input, residual, weight = _without_pixel_ambiguity(input, residual, weight)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     if residual is None:

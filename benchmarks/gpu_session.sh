@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A GPU visit in calls that each fit a lent machine's limits (README: "GPU session").
+# A GPU visit in calls that each fit a lent machine's limits (docs/gpu.md: "GPU session").
 #
 #   bash benchmarks/gpu_session.sh [--dry-run] [--budget S] CALL|PHASE...
 #

@@ -68,6 +68,8 @@ def _bench(args) -> int:
            if r["status"] in ("wrong", "error")]
     if bad:
         print("providers that failed the correctness check: " + "; ".join(bad))
+    if report.unstable_line(result):  # last, where the user looks
+        print(report.unstable_line(result))
     return 1 if bad else 0
 
 
@@ -91,10 +93,15 @@ def _add_bench_parser(sub) -> None:
                    help="also torch.compile(mode='max-autotune') (slow to compile)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed samples per provider")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timing rounds: providers are timed round-robin, one sample each per "
+                        "round (default 7 CPU, 10 GPU)")
     p.add_argument("--iters", type=int, default=None, help="calls per timed sample")
     p.add_argument("--check-batch", type=int, default=None,
-                   help="batch of the correctness check (default 8 GPU, 4 CPU)")
+                   help="batch of the correctness check: inference compares the first this "
+                        "many images of the timing batch, training runs a step at this batch "
+                        "(default: the timing batch on a CPU, 8 on a GPU, where the training "
+                        "check then compiles a second graph)")
     p.add_argument("--out", default="fused-resnet-bench", help="output directory")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_bench)

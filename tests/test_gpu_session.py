@@ -289,27 +289,36 @@ def test_junit_reader_fails_gpu_phases_that_tested_nothing(tmp_path, cases, ok, 
 
 
 def test_bench_keeps_rows_measured_before_a_crash(tmp_path, monkeypatch):
-    """results.json is rewritten after every row: a provider that raises outside the per-row
-    error handling (its build) ends the run, and the rows before it are on disk."""
+    """results.json is rewritten after every check and every timing round: a run cut in its
+    second round (an interrupt, which no per-provider error handling catches) keeps the first
+    round of every provider. (tests/test_bench_interleave.py: the same through suite.run.)"""
     from fused_resnet import cli
     from fused_resnet.bench import providers
 
     build = providers.build
 
     def crashing(name, *args, **kwargs):
+        runner = build(name, *args, **kwargs)
         if name == "fused":
-            raise RuntimeError("planted: the provider cannot be built")
-        return build(name, *args, **kwargs)
+            real, calls = runner.inference, iter(range(100))
+
+            def inference(x):  # call 0: the check, 1: the warm-up, 2: round 1, 3: round 2
+                if next(calls) == 3:
+                    raise KeyboardInterrupt("planted: the run is cut")
+                return real(x)
+            runner.inference = inference
+        return runner
 
     monkeypatch.setattr(providers, "build", crashing)
     out = tmp_path / "bench"
-    with pytest.raises(RuntimeError, match="planted"):
+    with pytest.raises(KeyboardInterrupt, match="planted"):
         cli.main(["bench", "--device", "cpu", "--model", "resnet18", "--dtype", "fp32",
                   "--batch-size", "2", "--image-size", "32", "--mode", "inference",
-                  "--providers", "eager_cl", "fused", "--warmup", "1", "--repeats", "1",
+                  "--providers", "eager_cl", "fused", "--warmup", "1", "--repeats", "2",
                   "--iters", "1", "--check-batch", "2", "--no-plots", "--out", str(out)])
     saved = json.loads((out / "results.json").read_text())
-    assert [(r["provider"], r["status"]) for r in saved["rows"]] == [("eager_cl", "ok")]
+    assert [(r["provider"], r["status"], len(r["samples_s"])) for r in saved["rows"]] == \
+        [("eager_cl", "ok", 1), ("fused", "ok", 1)]
     assert saved["rows"][0]["images_per_s"] > 0 and saved["command"].startswith("fused-resnet")
     assert not (out / "results.json.tmp").exists()
 

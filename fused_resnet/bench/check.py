@@ -14,7 +14,14 @@ scale 20% off, a missing residual) is off by O(0.1-1): orders of magnitude above
 Why GRADIENT_FLOOR = 5e-2 even in fp32: with a small check batch the last stage's BNs see a
 few dozen values per channel, and a ReLU decision flipped by rounding there moves every
 upstream gradient; correct fp32 implementations were seen 8.4e-3 normwise off (torch.compile
-on resnet18, eager 1.6e-3) and 2e-2 in the fused tests. The injected 20% BN error is 1.4."""
+on resnet18, eager 1.6e-3) and 2e-2 in the fused tests. The injected 20% BN error is 1.4.
+
+Inference is checked on the timing batch itself (so a compiled provider's check runs the very
+graph that is timed), against a float64 reference on its first `compared` images: eval-mode
+BN treats each image alone, so those logits do not depend on the rest of the batch, and the
+float64 model need not run the whole timing batch (which on a GPU at batch 256 would not fit).
+Training can't be sliced that way (batch statistics couple the images): it is checked on
+whatever batch the suite gives it."""
 
 import copy
 from typing import NamedTuple
@@ -41,13 +48,15 @@ def _flat(grads) -> torch.Tensor:
     return torch.cat([g.double().flatten() for g in grads if g is not None])
 
 
-def reference(model, eager_runner, x, target, mode: str) -> Reference:
-    """model: the fp32 weights (left untouched); eager_runner: a fresh eager provider."""
+def reference(model, eager_runner, x, target, mode: str, compared: int = None) -> Reference:
+    """model: the fp32 weights (left untouched); eager_runner: a fresh eager provider.
+    Inference: float64 logits of the first `compared` images of x (default: all)."""
     model64 = copy.deepcopy(model).double().to(x.device)
     if mode == "inference":
+        compared = compared or len(x)
         with torch.no_grad():
-            logits64 = model64.eval()(x.double())
-        logits = eager_runner.inference(eager_runner.prepare_input(x))
+            logits64 = model64.eval()(x[:compared].double())
+        logits = eager_runner.inference(eager_runner.prepare_input(x))[:compared]
         return Reference(logits64, torch.empty(0), logits, torch.empty(0))
     model64.train()
     model64.zero_grad()
@@ -70,7 +79,7 @@ def check(runner, ref: Reference, x, target, mode: str) -> dict:
     """{"ok": bool, "logits_error", "logits_allowed", ["grad_error", "grad_allowed"]}."""
     x = runner.prepare_input(x)
     if mode == "inference":
-        logits = runner.inference(x)
+        logits = runner.inference(x)[:len(ref.logits64)]
     else:
         logits, grads = runner.forward_backward(x, target)
     error, allowed = _logits_error(logits.detach(), ref)

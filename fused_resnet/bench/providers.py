@@ -7,7 +7,8 @@
     compile_freeze torch.compile(eager_cl) with Inductor's freezing: inference graphs take the
                    weights as constants, fold BN into the convs and run oneDNN's fused
                    convolutions with prepacked weights on CPU (the strongest CPU peer; a
-                   default provider on CPU). Training graphs are not frozen.
+                   default provider on CPU). Inference only: freezing does not apply to
+                   training graphs, where it would repeat `compile`.
     fused          fr.fuse_(eager_cl), backend auto
     fused_compile  torch.compile(fused), default mode
     fused_cuda     fused, forced to the C++/CUDA kernels: BN ops, and the CUTLASS convs
@@ -82,11 +83,13 @@ def defaults(device: str) -> tuple:
     return CPU_DEFAULT_PROVIDERS if torch.device(device).type == "cpu" else DEFAULT_PROVIDERS
 
 
-def unavailable(name: str, device: str) -> Optional[str]:
-    """Why provider `name` can't run on `device` (None if it can)."""
+def unavailable(name: str, device: str, mode: Optional[str] = None) -> Optional[str]:
+    """Why provider `name` can't run on `device` (in `mode`, if given); None if it can."""
     device_type = torch.device(device).type
     if name not in ALL_PROVIDERS:
         return f"unknown provider {name!r} (known: {', '.join(ALL_PROVIDERS)})"
+    if name == "compile_freeze" and mode == "training":
+        return "freezing applies to inference graphs only (training would repeat compile)"
     forced = {"fused_cuda": "cuda", "fused_triton": "triton"}.get(name)
     if forced is None:
         return None
@@ -105,10 +108,10 @@ def build(name: str, model: nn.Module, device: str, dtype: torch.dtype) -> Runne
     model = model.to(memory_format=torch.channels_last)
     if name == "eager_cl":
         return Runner(name, model, device, dtype, True)
-    # dynamic=False: the correctness check runs another batch size than the timing, and a
-    # second shape would otherwise make Dynamo compile a dynamic-batch graph (slower, and on
-    # CPU without prepacked oneDNN weights): each shape gets its own static graph, as a fixed
-    # serving shape would.
+    # dynamic=False: a static graph for the timing shape, as a fixed serving shape would get
+    # (a second shape would otherwise make Dynamo compile a dynamic-batch graph: slower, and on
+    # CPU without prepacked oneDNN weights). The suite checks at the timing shape wherever it
+    # can, so each compiled provider compiles once per mode (see suite.run).
     if name in ("compile", "compile_max"):
         mode = "max-autotune" if name == "compile_max" else None
         return Runner(name, model, device, dtype, True,

@@ -29,9 +29,9 @@ class Config:
     image_size: int = 112
     providers: Optional[list] = None  # None: providers.defaults(device)
     warmup: int = 2
-    repeats: int = 5
+    repeats: int = 7  # timing rounds: one sample per provider per round
     iters: int = 1
-    check_batch: int = 4
+    check_batch: Optional[int] = None  # None: the timing batch (see run)
     out_dir: str = "fused-resnet-bench"
     seed: int = 0
     plots: bool = True
@@ -77,8 +77,18 @@ def _provider_list(config: Config) -> list:
 def run(config: Config, build=None, on_row=None) -> dict:
     """Run the suite; returns the result dict that report.py renders and write() saves.
     `build(name, model, device, dtype)` makes a provider (tests inject wrong ones through
-    it). `on_row(result)`, if given, is called with the partial result after every row (the
-    CLI rewrites results.json with it: an interrupted run keeps every row it measured)."""
+    it). `on_row(result)`, if given, is called with the partial result after every row is
+    checked and after every timing round (the CLI rewrites results.json with it: an
+    interrupted run keeps every check and every sample it measured).
+
+    Per model and mode: every provider is built and checked against float64 eager PyTorch,
+    then the checked ones are warmed up and timed round-robin (fused_resnet.bench.timing).
+    Compiled providers compile once per mode: inference is checked on the first timing batch
+    itself (fused_resnet.bench.check compares its first `check_batch` images with float64),
+    and training is checked at `check_batch`, which on a CPU defaults to the timing batch.
+    On a GPU the training check runs at batch 8 (a float64 training step at the timing batch
+    256 does not fit), so there each compiled provider compiles its training graph twice: once
+    for the check, once for the timing shape (dynamic=False)."""
     build = build or providers.build
     dtype = DTYPES[config.dtype]
     names = _provider_list(config)
@@ -88,90 +98,166 @@ def run(config: Config, build=None, on_row=None) -> dict:
               "config": dataclasses.asdict(config),
               "ceilings": {"copy_bandwidth_gbps": bandwidth, "matmul_tflops": matmul},
               "rows": []}
-    steps_per_case = config.repeats + 1
-    progress = Progress(len(config.models) * len(config.modes) * len(names) * steps_per_case)
+    on_row = on_row or (lambda partial: None)
+
+    def save():
+        _add_ratios(result["rows"])
+        on_row(result)
+
+    progress = Progress(len(config.models) * len(config.modes) * len(names)
+                        * (config.repeats + 1))
     try:
         for model_name in config.models:
-            _run_model(config, model_name, names, dtype, build, result, progress,
-                       on_row or (lambda partial: None))
+            _run_model(config, model_name, names, dtype, build, result, progress, save)
     finally:
         progress.close()
     _add_ratios(result["rows"])
     return result
 
 
-def _add_row(result: dict, row: dict, on_row) -> None:
-    result["rows"].append(row)
-    on_row(result)
+def _check_batch(config: Config) -> int:
+    return config.check_batch or config.batch_size
 
 
-def _run_model(config, model_name, names, dtype, build, result, progress, on_row):
+def _run_model(config, model_name, names, dtype, build, result, progress, save):
     model = _model(model_name, config.seed)
     element_size = torch.tensor([], dtype=dtype).element_size()
     model_floors = floors.floors(model, config.image_size, config.batch_size, element_size)
-    check_x, check_target = _batches(config, 1, config.check_batch)[0]
-    check_x, check_target = check_x.to(config.device), check_target.to(config.device)
-    timed = _batches(config, 3, config.batch_size)
-    references = {}
+    timed = [(x.to(config.device), t.to(config.device))
+             for x, t in _batches(config, 3, config.batch_size)]
     for mode in config.modes:
-        eager = providers.build("eager", model, config.device, dtype)
-        references[mode] = check.reference(model, eager, check_x, check_target, mode)
-        del eager
-    for name in names:
-        row_base = {"model": model_name, "provider": name}
-        known = name in providers.ALL_PROVIDERS  # tests inject others through `build`
-        reason = providers.unavailable(name, config.device) if known else None
-        if reason is not None:
-            for mode in config.modes:
-                _add_row(result, {**row_base, "mode": mode, "status": "unavailable",
-                                  "reason": reason}, on_row)
-                progress.step(config.repeats + 1)
-            continue
-        progress.describe(f"{model_name} {name}: building")
-        runner = build(name, model, config.device, dtype)
-        for mode in config.modes:
-            row = {**row_base, "mode": mode}
-            progress.describe(f"{model_name} {name} {mode}: checking")
-            try:
-                row["check"] = check.check(runner, references[mode], check_x, check_target, mode)
-            except Exception as error:  # a provider that crashes is reported, not fatal
-                row.update(status="error", reason=f"{type(error).__name__}: {error}")
-                _add_row(result, row, on_row)
-                progress.step(config.repeats + 1)
-                continue
-            progress.step()
-            if not row["check"]["ok"]:
-                row.update(status="wrong", reason="output disagrees with eager PyTorch")
-                progress.step(config.repeats)
-            else:
-                progress.describe(f"{model_name} {name} {mode}: timing")
-                row.update(status="ok", **_time(runner, mode, timed, config, progress))
-                row.update(_floor_fractions(row, model_floors[mode], result["ceilings"]))
-            _add_row(result, row, on_row)
-        del runner
+        case = _Case(config, model_name, mode, dtype, model_floors[mode], result, progress, save)
+        case.run(model, names, build, timed)
+        del case
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _time(runner, mode, timed, config, progress) -> dict:
-    inputs = [(runner.prepare_input(x), t.to(config.device)) for x, t in timed]
+class _Case:
+    """One model in one mode: check every provider, then time the checked ones together."""
+
+    def __init__(self, config, model_name, mode, dtype, floor, result, progress, save):
+        self.config, self.model_name, self.mode, self.dtype = config, model_name, mode, dtype
+        self.floor, self.result, self.progress, self.save = floor, result, progress, save
+        self.runners, self.rows = {}, {}
+
+    def run(self, model, names, build, timed):
+        x, target = self._check_inputs(timed)
+        eager = providers.build("eager", model, self.config.device, self.dtype)
+        reference = check.reference(model, eager, x, target, self.mode,
+                                    compared=min(_check_batch(self.config), len(x)))
+        del eager
+        for name in names:
+            self._check(name, model, build, reference, x, target)
+        if self.runners:
+            self._time(timed)
+
+    def _check_inputs(self, timed):
+        """Inference: the first timing batch (a compiled graph is checked as it is timed);
+        training: the timing batch too unless check_batch says otherwise."""
+        check_batch = _check_batch(self.config)
+        if self.mode == "inference" or check_batch == self.config.batch_size:
+            return timed[0]
+        x, target = _batches(self.config, 1, check_batch)[0]
+        return x.to(self.config.device), target.to(self.config.device)
+
+    def _add(self, row: dict) -> None:
+        self.result["rows"].append(row)
+        self.save()
+
+    def _check(self, name, model, build, reference, x, target):
+        config, steps = self.config, self.config.repeats + 1
+        row = {"model": self.model_name, "provider": name, "mode": self.mode}
+        known = name in providers.ALL_PROVIDERS  # tests inject others through `build`
+        reason = providers.unavailable(name, config.device, self.mode) if known else None
+        if reason is not None:
+            self.progress.step(steps)
+            return self._add({**row, "status": "unavailable", "reason": reason})
+        self.progress.describe(f"{self.model_name} {self.mode} {name}: building, checking")
+        try:
+            runner = build(name, model, config.device, self.dtype)
+            row["check"] = check.check(runner, reference, x, target, self.mode)
+        except Exception as error:  # a provider that crashes is reported, not fatal
+            self.progress.step(steps)
+            return self._add({**row, "status": "error",
+                              "reason": f"{type(error).__name__}: {error}"})
+        self.progress.step()
+        if not row["check"]["ok"]:
+            self.progress.step(steps - 1)
+            return self._add({**row, "status": "wrong",
+                              "reason": "output disagrees with eager PyTorch"})
+        row.update(status="checked", reason="not timed (the run ended first)")
+        self.runners[name], self.rows[name] = runner, row  # timing updates the row in place
+        self._add(row)
+
+    def _call(self, runner, timed):
+        """A zero-argument call that steps through the timing batches."""
+        inputs = [(runner.prepare_input(x), t) for x, t in timed]
+        if self.mode == "inference":
+            step = lambda batch: runner.inference(batch[0])  # noqa: E731
+        else:
+            step = lambda batch: runner.train_step(*batch)  # noqa: E731
+        state = {"i": 0}
+
+        def call():
+            step(inputs[state["i"] % len(inputs)])
+            state["i"] += 1
+        return call, inputs[0]
+
+    def _time(self, timed):
+        config = self.config
+        calls, first = {}, {}
+        for name, runner in self.runners.items():
+            calls[name], first[name] = self._call(runner, timed)
+        self.progress.describe(f"{self.model_name} {self.mode}: timing "
+                               f"{len(calls)} providers round-robin")
+
+        def after_round(samples, errors):
+            for name, row in self.rows.items():
+                if name in errors:
+                    row.pop("reason", None)
+                    row.update(status="error", reason=f"{type(errors[name]).__name__}: "
+                                                      f"{errors[name]} (while timing)")
+                elif samples[name]:
+                    row.pop("reason", None)
+                    row.update(status="ok", rounds=len(samples[name]),
+                               **_speed(samples[name], config.batch_size))
+                    row.update(_floor_fractions(row, self.floor, self.result["ceilings"]))
+            self.progress.step(len(calls))
+            self.save()
+
+        timing.interleaved(calls, config.device, config.warmup, config.repeats, config.iters,
+                           after_round)
+        for name, row in self.rows.items():
+            if row["status"] == "ok":
+                row.update(_memory(self.runners[name], self.mode, first[name], config.device))
+        self.save()
+
+
+def _speed(samples: list, batch: int) -> dict:
+    stats = timing.summary(samples)
+    stats["latency_ms"] = stats["median_s"] * 1e3
+    stats["images_per_s"] = batch / stats["median_s"]
+    stats["images_per_s_range"] = [batch / stats["max_s"], batch / stats["min_s"]]
+    stats["images_per_s_iqr"] = [batch / stats["q3_s"], batch / stats["q1_s"]]
+    return stats
+
+
+def _memory(runner, mode, batch, device) -> dict:
+    """Peak memory of one call on `batch` (prepared), and in training what autograd saves for
+    backward (eager graphs only: a compiled graph is opaque to the saved-tensor hooks)."""
     if mode == "inference":
-        fn = lambda batch: runner.inference(batch[0])  # noqa: E731
+        stats = {"peak_memory_bytes": memory.peak_bytes(lambda: runner.inference(batch[0]),
+                                                        device)}
     else:
-        fn = lambda batch: runner.train_step(*batch)  # noqa: E731
-    stats = timing.measure(fn, inputs, config.device, config.warmup, config.repeats,
-                           config.iters, progress.step)
-    stats["peak_memory_bytes"] = memory.peak_bytes(lambda: fn(inputs[0]), config.device)
-    if mode == "training" and runner.model is runner.module:  # compiled graphs: opaque
+        stats = {"peak_memory_bytes": memory.peak_bytes(lambda: runner.train_step(*batch),
+                                                        device)}
+    if mode == "training" and runner.model is runner.module:
         runner.module.train()
         with runner.context():
-            stats["saved_activation_bytes"] = memory.saved_activation_bytes(
-                runner.model, inputs[0][0])
-    stats["latency_ms"] = stats["median_s"] * 1e3
-    stats["images_per_s"] = config.batch_size / stats["median_s"]
-    stats["images_per_s_range"] = [config.batch_size / stats["max_s"],
-                                   config.batch_size / stats["min_s"]]
+            stats["saved_activation_bytes"] = memory.saved_activation_bytes(runner.model,
+                                                                            batch[0])
     return stats
 
 
@@ -185,7 +271,8 @@ def _floor_fractions(row, floor, ceilings) -> dict:
 
 
 def _add_ratios(rows) -> None:
-    """Speed-up and memory ratio against eager channels_last in the same run."""
+    """Speed-up and memory ratio against eager channels_last in the same run; a speed-up is
+    judged only when both rows' samples are stable (fused_resnet.bench.timing)."""
     base = {(r["model"], r["mode"]): r for r in rows
             if r["provider"] == providers.BASELINE and r.get("status") == "ok"}
     for row in rows:
@@ -193,6 +280,7 @@ def _add_ratios(rows) -> None:
         if row.get("status") != "ok" or ref is None:
             continue
         row["speedup_vs_eager_cl"] = ref["median_s"] / row["median_s"]
+        row["speedup_judged"] = timing.is_stable(row) and timing.is_stable(ref)
         if row.get("peak_memory_bytes") and ref.get("peak_memory_bytes"):
             row["memory_vs_eager_cl"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
         if row.get("saved_activation_bytes") and ref.get("saved_activation_bytes"):

@@ -90,6 +90,10 @@ def gpu_configs(c_in: int, c_out: int, dtype: torch.dtype = torch.float16,
     keep = [(m, n, _block_k(c_in, k), w, s) for m, n, k, w, s in configs if n <= widest_n]
     if prologue or residual or any(c_in % cfg[2] for cfg in keep):
         keep = [cfg for cfg in keep if max(cfg[0], cfg[1]) <= 128]
+    if prologue and dtype == torch.float32:
+        # fp32 operands (FMA products, or three TF32 passes) beside the prologue's fp32
+        # transform of the A tile: the 128-row tiles spill on sm_90 with Triton 3.6
+        keep = [cfg for cfg in keep if cfg[0] * cfg[1] <= 64 * 64]
     keep = _one_per_area(keep)
     if rows is not None and sms is not None:
         keep = [cfg for cfg in keep

@@ -138,6 +138,9 @@ def test_tile_configs_for_a_problem():
         assert all(max(cfg[:2]) <= 128 for cfg in conv.gpu_configs(64, 256, **kwargs))
     assert all(max(cfg[:2]) <= 128 for cfg in conv.gpu_configs(8, 64))  # the padded stem
     assert all(cfg[2] == 32 for cfg in conv.gpu_configs(64, 256, torch.float32))
+    # fp32 with the prologue: the 128-row tiles spill on sm_90 with Triton 3.6
+    assert conv.gpu_configs(64, 64, torch.float32, prologue=True) == [(64, 64, 32, 4, 3)]
+    assert any(cfg[0] == 128 for cfg in conv.gpu_configs(64, 64, torch.float32))
 
 
 def test_pixel_index_limit_falls_back():

@@ -13,8 +13,9 @@ from fused_resnet import functional
 from fused_resnet.models import PlainBlock
 from fused_resnet.modules import norms, unfused
 from fused_resnet.ops import conv as conv_ops
-from fused_resnet.modules.conv_bn_act import (Bounds, conv_bn_act, conv_bn_relu_chain,
-                                              folded_weights, prepacked_applies)
+from fused_resnet.modules.conv_bn_act import (Bounds, DropsDerivedCaches, conv_bn_act,
+                                              conv_bn_relu_chain, folded_weights,
+                                              prepacked_applies)
 
 
 
@@ -43,7 +44,7 @@ def downsample_parts(downsample: Optional[nn.Module]):
     return pool, conv, bn
 
 
-class FusedBlock(nn.Module):
+class FusedBlock(DropsDerivedCaches, nn.Module):
     """Shared machinery: keeps the original block (unregistered, so the state_dict has no
     duplicate keys) and registers its submodules under their own names.
 
@@ -63,6 +64,7 @@ class FusedBlock(nn.Module):
     before; while its inner modules have hooks (or under FX tracing) it runs the original
     block's forward on its (shared) submodules instead (fused_resnet.modules.unfused)."""
 
+    _DERIVED_CACHES = ("_caches",)
     convs_bns: tuple = ()
     activations: tuple = ()
     identities: tuple = ()

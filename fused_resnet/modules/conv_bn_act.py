@@ -284,7 +284,30 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Option
                                         shift, residual, relu)
 
 
-class FusedConvBNAct(nn.Module):
+class DropsDerivedCaches:
+    """Folded and prepacked weights are derived from the parameters and buffers, and a
+    prepacked weight is an opaque oneDNN tensor that cannot be pickled: pickling, deep copies
+    and torch.save of the module leave these caches out (empty), and the copy rebuilds them on
+    first use."""
+
+    _DERIVED_CACHES = ("_fold_cache",)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in self._DERIVED_CACHES:
+            if name in state:
+                state[name] = _emptied(state[name])
+        return state
+
+
+def _emptied(cache: dict) -> dict:
+    """An empty cache of the same shape: a dict of per-conv caches keeps its keys."""
+    if cache and all(isinstance(value, dict) for value in cache.values()):
+        return {key: {} for key in cache}
+    return {}
+
+
+class FusedConvBNAct(DropsDerivedCaches, nn.Module):
     """conv -> bn (-> + residual) (-> ReLU) as one fused step; holds the given modules under the
     names conv and bn (their parameters are shared, not copied)."""
 

@@ -16,7 +16,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fused_resnet import functional
 from fused_resnet.modules import unfused
-from fused_resnet.modules.conv_bn_act import conv_bn_act
+from fused_resnet.modules.conv_bn_act import DropsDerivedCaches, conv_bn_act
 from fused_resnet.modules.norms import uses_batch_statistics
 
 
@@ -74,7 +74,7 @@ _STEM_NORMS = {nn.BatchNorm2d: StemBatchNorm, FrozenBatchNorm2d: StemFrozenBatch
 STEM_NORM_TYPES = tuple(_STEM_NORMS.values())
 
 
-class FusedStem(nn.Conv2d):
+class FusedStem(DropsDerivedCaches, nn.Conv2d):
     """conv1 of a fused stem: relu(bn1(conv1(x))) through the fused conv ops."""
 
     @classmethod

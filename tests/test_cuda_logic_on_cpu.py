@@ -15,33 +15,22 @@ import subprocess
 
 import pytest
 
+from native_tools import nvcc, run_cpp_simulation
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = os.path.join(ROOT, "csrc", "cuda", "bn_add_relu.cu")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 def test_cuda_reduction_plan_simulated_on_cpu(tmp_path):
-    binary = tmp_path / "cuda_reduce_sim"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-Wall", "-Werror",
-                    "-I", os.path.join(ROOT, "csrc"),
-                    os.path.join(ROOT, "tests", "cpp", "cuda_reduce_sim.cpp"), "-o", str(binary)],
-                   check=True, capture_output=True, text=True)
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith(" 0 failed"), result.stdout
+    run_cpp_simulation("cuda_reduce_sim", tmp_path, timeout=300)
 
 
-def _nvcc():
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    candidate = os.path.join(home, "bin", "nvcc")
-    return candidate if os.path.exists(candidate) else shutil.which("nvcc")
-
-
-needs_nvcc = pytest.mark.skipif(_nvcc() is None, reason="no CUDA toolkit (nvcc)")
+needs_nvcc = pytest.mark.skipif(nvcc() is None, reason="no CUDA toolkit (nvcc)")
 
 
 def _nvcc_run(*args):
-    result = subprocess.run([_nvcc(), "-O3", "-std=c++17", "-I", os.path.join(ROOT, "csrc"),
+    result = subprocess.run([nvcc(), "-O3", "-std=c++17", "-I", os.path.join(ROOT, "csrc"),
                              KERNELS, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return result

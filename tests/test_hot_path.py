@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_resnet import _extension, backend, weight_cache
 from fused_resnet.ops import conv as conv_ops
+from native_tools import nvcc, run_cpp_simulation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(backend.why_not("triton", "cpu") is not None,
@@ -337,32 +338,18 @@ def test_cuda_elementwise_kernels_past_2_to_the_32_elements():
 def test_fast_divmod_exact_at_the_boundaries(tmp_path):
     """FastDivmod and ChannelMap (what the CUDA kernels place each thread with) against plain
     64-bit division, around 2^31, 2^32 and 2^63 (tests/cpp/index_math_sim.cpp)."""
-    binary = tmp_path / "index_math_sim"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-Wall", "-Werror",
-                    "-I", os.path.join(ROOT, "csrc"),
-                    os.path.join(ROOT, "tests", "cpp", "index_math_sim.cpp"), "-o", str(binary)],
-                   check=True, capture_output=True, text=True)
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith(" 0 failed"), result.stdout
-
-
-def _nvcc():
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    candidate = os.path.join(home, "bin", "nvcc")
-    return candidate if os.path.exists(candidate) else shutil.which("nvcc")
+    run_cpp_simulation("index_math_sim", tmp_path, timeout=120)
 
 
 WIDE_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="no CUDA toolkit (nvcc)")
+@pytest.mark.skipif(nvcc() is None, reason="no CUDA toolkit (nvcc)")
 def test_elementwise_kernels_have_no_64_bit_division(tmp_path):
     """The compiled apply / grad_apply kernels place each thread by multiply-high (mul.hi.u64),
     never by the 64-bit division subroutine (div/rem .s64/.u64)."""
     ptx = tmp_path / "bn_add_relu.ptx"
-    result = subprocess.run([_nvcc(), "-O3", "-std=c++17", "-arch=sm_90", "--ptx",
+    result = subprocess.run([nvcc(), "-O3", "-std=c++17", "-arch=sm_90", "--ptx",
                              "-I", os.path.join(ROOT, "csrc"),
                              os.path.join(ROOT, "csrc", "cuda", "bn_add_relu.cu"), "-o", str(ptx)],
                             capture_output=True, text=True, timeout=600)

@@ -84,9 +84,13 @@ def run(model: nn.Module, batch_size: int, image_size: int, dtype: torch.dtype, 
         measured.append(line)
         progress.write(line)
 
+    def layer_done(what: str) -> None:  # called from forward hooks: must return None
+        progress.describe(what)
+        progress.step()
+
     with tuning.reporting(report):
         for mode in modes:
-            with _layer_progress(model, mode, lambda what: (progress.describe(what), progress.step())):
+            with _layer_progress(model, mode, layer_done):
                 if mode == "train":
                     runner.train_step(x, target)
                 else:

@@ -1321,7 +1321,7 @@ def test_regression_triton_conv_bfloat16_interpreter(op, backend_name, path):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=TORCH_CPU_BF16_CONV)
+@pytest.mark.xfail(strict=False, reason=TORCH_CPU_BF16_CONV)  # memory-dependent: not every run
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_regression_library_conv_bfloat16_cpu(backend_name):
     """Minimal case hypothesis found: conv2d_epilogue (no epilogue terms) on the library path in

@@ -430,8 +430,9 @@ def _conv_reference(case: ConvCase, t: dict, dtype, ref_device: str):
 
     x, w = dev(t["x"]), dev(t["w"])
     if case.flavour == "bn_relu_conv":  # the prologue as the op computes it, then rounded
-        scale, shift = reference.bn_scale_shift(t["mean"], t["var"], t["bn_w"], t["bn_b"], EPS)
-        a = torch.relu(x * dev(scale).view(1, -1, 1, 1) + dev(shift).view(1, -1, 1, 1))
+        scale, shift = reference.bn_centred_scale_shift(t["var"], t["bn_w"], t["bn_b"], EPS)
+        a = torch.relu((x - dev(t["mean"]).view(1, -1, 1, 1)) * dev(scale).view(1, -1, 1, 1)
+                       + dev(shift).view(1, -1, 1, 1))
         x = a.to(dtype).to(torch.float64)
     z = F.conv2d(x, w, None, case.stride, case.pad)
     if case.flavour in ("bn_stats", "bn_relu_conv"):
@@ -617,8 +618,9 @@ def _bn_piece(piece, kernel, d, h, dtype, device) -> dict:
     x = h["x"]
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
     square = (x * x).mean(dim=(0, 2, 3))
-    scale, shift = reference.bn_scale_shift(mean, var, h["w"], h["b"], EPS)
-    pre = x * _per_channel(scale) + _per_channel(shift) + h["r"]
+    scale, shift = reference.bn_centred_scale_shift(var, h["w"], h["b"], EPS)  # shift = bias
+    xmu = x - _per_channel(mean)
+    pre = xmu * _per_channel(scale) + _per_channel(shift) + h["r"]
     results = []
 
     def out(got, want, magnitude, tol):
@@ -632,14 +634,16 @@ def _bn_piece(piece, kernel, d, h, dtype, device) -> dict:
         out(got[0], mean, square.sqrt(), STATS_TOL)
         out(got[1], var, square, 2 * STATS_TOL)
         out(got[2], scale, scale.abs(), STATS_TOL)
-        out(got[3], shift, h["b"].abs() + (mean * scale).abs() + scale.abs() * square.sqrt(),
-            STATS_TOL)
+        out(got[3], shift, h["b"].abs(), STATS_TOL)
     elif piece == "bn_add_relu_apply":
         _poison(d["x"].numel() * d["x"].element_size(), device)
-        got, got_mask = kernel(d["x"], d["r"], scale.to(**dev), shift.to(**dev), True, True)
+        got, got_mask = kernel(d["x"], d["r"], scale.to(**dev), shift.to(**dev), True, True,
+                               mean.to(**dev))
         want = torch.relu(pre)
-        magnitude = (x * _per_channel(scale)).abs() + _per_channel(shift).abs() + \
-            h["r"].abs() + want.abs()
+        # the kernel subtracts the fp32 mean: x - mean is exact where x is near it, and the
+        # mean's own rounding moves every output of the channel by scale * ulp(mean) / 2
+        magnitude = (xmu * _per_channel(scale)).abs() + _per_channel(shift).abs() + \
+            h["r"].abs() + want.abs() + _per_channel((mean * scale).abs()) * FP32_U / u
         out(got, want, magnitude, u + 4 * FP32_U)
         # ReLU mask bits: equal wherever the pre-activation is not within rounding of 0
         bits = reference.relu_mask(got_mask.to(x.device), x).to(torch.float64)

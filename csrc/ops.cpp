@@ -201,7 +201,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats(const Tensor& x_in,
 std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
                                              const std::optional<Tensor>& residual_in,
                                              const Tensor& scale_in, const Tensor& shift_in,
-                                             bool relu, bool save_mask) {
+                                             bool relu, bool save_mask,
+                                             const std::optional<Tensor>& mean_in) {
   check_input(x_in, "input");
   const auto fmt = kernel_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
@@ -212,6 +213,8 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
   }
   const Tensor scale = per_channel(scale_in, x, "scale");
   const Tensor shift = per_channel(shift_in, x, "shift");
+  const Tensor mean =
+      mean_in.has_value() && mean_in->defined() ? per_channel(*mean_in, x, "mean") : Tensor();
   const Geometry g = geometry(x, fmt);
   Tensor out = empty_like_format(x, fmt);
   save_mask = save_mask && relu;
@@ -221,7 +224,8 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
     check_launch(cuda::bn_add_relu_apply(kernel_dtype(x), x.const_data_ptr(),
-                                         data_or_null(residual), scale.const_data_ptr<float>(),
+                                         data_or_null(residual), float_data_or_null(mean),
+                                         scale.const_data_ptr<float>(),
                                          shift.const_data_ptr<float>(), relu, g,
                                          out.mutable_data_ptr(), mask_ptr, current_stream(x)),
                  "bn_add_relu_apply");
@@ -229,8 +233,9 @@ std::tuple<Tensor, Tensor> bn_add_relu_apply(const Tensor& x_in,
   }
 #endif
   cpu::bn_add_relu_apply(kernel_dtype(x), x.const_data_ptr(), data_or_null(residual),
-                         scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g,
-                         out.mutable_data_ptr(), mask_ptr);
+                         float_data_or_null(mean), scale.const_data_ptr<float>(),
+                         shift.const_data_ptr<float>(), relu, g, out.mutable_data_ptr(),
+                         mask_ptr);
   return {out, mask};
 }
 
@@ -313,7 +318,7 @@ TORCH_LIBRARY_FRAGMENT(fused_resnet, m) {
       "-> (Tensor mean, Tensor var, Tensor scale, Tensor shift)");
   m.def(
       "bn_add_relu_apply_cpp(Tensor input, Tensor? residual, Tensor scale, Tensor shift, "
-      "bool relu, bool save_mask) -> (Tensor out, Tensor mask)");
+      "bool relu, bool save_mask, Tensor? mean=None) -> (Tensor out, Tensor mask)");
   m.def(
       "bn_add_relu_grad_reduce_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
       "Tensor var, Tensor? weight, float eps, bool relu, bool training) "

@@ -41,25 +41,46 @@ def relu_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm as a per-channel affine map y = x*scale + shift, in the statistics' dtype
-    (weight/bias None: affine=False). common/bn_add_relu_math.h has the kernels' twin."""
+    """BatchNorm folded into a per-channel affine map y = x*scale + shift, in the statistics'
+    dtype (weight/bias None: affine=False): what eval-mode folding into a conv's weights and
+    bias uses. Its two terms cancel where |mean| >> std; the BN ops apply the centred form
+    (bn_centred_scale_shift)."""
+    scale, bias_term = bn_centred_scale_shift(var, weight, bias, eps)
+    return scale, bias_term - mean * scale
+
+
+def bn_centred_scale_shift(var: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm as y = (x - mean)*scale + shift per channel: scale = weight/sqrt(var + eps),
+    shift = bias (zeros for affine=False), in the statistics' dtype. x - mean is exact where x
+    is close to the mean, so nothing cancels when |mean| >> std. common/bn_add_relu_math.h has
+    the kernels' twin."""
     invstd = 1.0 / torch.sqrt(var + eps)
     scale = invstd * weight.to(var.dtype) if weight is not None else invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(var.dtype)
+    shift = bias.to(var.dtype, copy=True) if bias is not None else torch.zeros_like(var)
     return scale, shift
 
 
-def bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training):
+def bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training,
+                             sum_xmu=None):
     """(k, b, c, grad_weight, grad_bias) per channel from sum(dz) and sum(dz*(x - mean)) over
     `count` elements: grad_input = k*dz + b*(x - mean) + c. Training differentiates through the
-    batch statistics (b, c); eval does not (b = c = 0)."""
+    batch statistics (b, c); eval does not (b = c = 0).
+    sum_xmu: sum(x - mean), where `mean` is the fp32 batch mean (training): its offset from the
+    exact mean, d = sum_xmu / count, is taken out of the sums (sum(dz*(x - exact mean)) =
+    sum_dz_xmu - d*sum_dz, and c absorbs -b*d), as common/bn_add_relu_math.h explains."""
     invstd = 1.0 / torch.sqrt(var + eps)
     k = invstd * weight.to(var.dtype) if weight is not None else invstd
-    if training and count > 0:
+    batch = training and count > 0
+    if batch and sum_xmu is not None:
+        offset = sum_xmu / count
+        sum_dz_xmu = sum_dz_xmu - offset * sum_dz
+    else:
+        offset = torch.zeros_like(sum_dz)
+    if batch:
         b = -k * invstd * invstd * sum_dz_xmu / count
-        c = -k * sum_dz / count
+        c = -k * sum_dz / count - b * offset
     else:
         b, c = torch.zeros_like(k), torch.zeros_like(k)
     # An empty batch (count 0) has NaN statistics; PyTorch's weight gradient is 0, not 0*NaN.
@@ -79,17 +100,20 @@ def conv_epilogue(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
 
 def bn_stats(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance (fp32), and the scale/shift they give."""
+    """Per-channel batch mean and biased variance (fp32), and the scale/shift of the centred
+    form y = (x - mean)*scale + shift they give (bn_centred_scale_shift)."""
     var, mean = torch.var_mean(_acc(input), dim=(0, 2, 3), correction=0)
-    return (mean, var) + bn_scale_shift(mean, var, weight, bias, eps)
+    return (mean, var) + bn_centred_scale_shift(var, weight, bias, eps)
 
 
 def bn_add_relu_apply(input: torch.Tensor, residual: Optional[torch.Tensor], scale: torch.Tensor,
-                      shift: torch.Tensor, relu: bool,
-                      save_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """out = relu(input*scale + shift + residual), and its packed ReLU mask if relu and
-    save_mask (backward needs it; inference does not), else an empty mask."""
-    y = _acc(input) * _per_channel(scale) + _per_channel(shift)
+                      shift: torch.Tensor, relu: bool, save_mask: bool,
+                      mean: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = relu((input - mean)*scale + shift + residual) (mean None: input*scale + shift),
+    and its packed ReLU mask if relu and save_mask (backward needs it; inference does not),
+    else an empty mask."""
+    centred = _acc(input) - _per_channel(mean) if mean is not None else _acc(input)
+    y = centred * _per_channel(scale) + _per_channel(shift)
     if residual is not None:
         y = y + _acc(residual)
     x = layout.dense_like(input, input)
@@ -112,20 +136,22 @@ def _masked_grad(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
     return dz
 
 
-def bn_add_relu_grad_sums(grad, mask, input, mean, relu) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum(dz) and sum(dz * (input - mean)) per channel, dz = grad through the ReLU."""
+def bn_add_relu_grad_sums(grad, mask, input, mean, relu):
+    """sum(dz), sum(dz * (input - mean)) and sum(input - mean) per channel, dz = grad through
+    the ReLU."""
     dz = _masked_grad(grad, mask, input, relu)
     xmu = _acc(input) - _per_channel(mean)
-    return dz.sum(dim=(0, 2, 3)), (dz * xmu).sum(dim=(0, 2, 3))
+    return dz.sum(dim=(0, 2, 3)), (dz * xmu).sum(dim=(0, 2, 3)), xmu.sum(dim=(0, 2, 3))
 
 
 def bn_add_relu_grad_reduce(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,
                             mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
                             eps: float, relu: bool, training: bool):
-    """The per-channel coefficients of backward (bn_backward_coefficients) from the two sums."""
-    sum_dz, sum_dz_xmu = bn_add_relu_grad_sums(grad, mask, input, mean, relu)
+    """The per-channel coefficients of backward (bn_backward_coefficients) from the sums."""
+    sum_dz, sum_dz_xmu, sum_xmu = bn_add_relu_grad_sums(grad, mask, input, mean, relu)
     count = input.numel() // input.shape[1]
-    return bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training)
+    return bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps, count, training,
+                                    sum_xmu=sum_xmu)
 
 
 def bn_add_relu_grad_apply(grad: torch.Tensor, mask: torch.Tensor, input: torch.Tensor,

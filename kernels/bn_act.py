@@ -180,11 +180,11 @@ def _stats_final_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, per_ch
 
 
 @triton.jit
-def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel, C, inner,
-                  HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """out = relu(x*scale + shift + residual); if SAVE_MASK, one mask bit per element, 8 per
-    byte."""
+def _apply_kernel(x_ptr, res_ptr, mean_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel, C,
+                  inner, HAS_RESIDUAL: tl.constexpr, HAS_MEAN: tl.constexpr, RELU: tl.constexpr,
+                  SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """out = relu((x - mean)*scale + shift + residual) (without HAS_MEAN: x*scale + shift); if
+    SAVE_MASK, one mask bit per element, 8 per byte."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < numel
@@ -192,6 +192,8 @@ def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + ch, mask=valid, other=0.0)
     shift = tl.load(shift_ptr + ch, mask=valid, other=0.0)
+    if HAS_MEAN:
+        x -= tl.load(mean_ptr + ch, mask=valid, other=0.0)
     y = x * scale + shift
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -218,11 +220,11 @@ def _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU: tl.constexpr):
 
 @triton.jit
 def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr, sum_dzxmu_ptr,
-                                C, inner, per_channel, rows_per_split, RELU: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                sum_xmu_ptr, C, inner, per_channel, rows_per_split,
+                                RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Partial sum(dz) and sum(dz*(x - mean)) of each channel over one split of its elements
-    (tiles as in _stats_partial_kernel)."""
+    """Partial sum(dz), sum(dz*(x - mean)) and sum(x - mean) of each channel over one split of
+    its elements (tiles as in _stats_partial_kernel)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -230,6 +232,7 @@ def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr,
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
     sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dzxmu = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     if CHANNELS_LAST:
         start = split * rows_per_split
         end = tl.minimum(start + rows_per_split, per_channel)
@@ -237,8 +240,10 @@ def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr,
             offs, valid = _nhwc_tile(m0, end, c, c_ok, C, BLOCK_M)
             dz = _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU)
             x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            xmu = tl.where(valid, x - mean[None, :], 0.0)
             sum_dz += tl.sum(dz, axis=0)
-            sum_dzxmu += tl.sum(tl.where(valid, dz * (x - mean[None, :]), 0.0), axis=0)
+            sum_dzxmu += tl.sum(dz * xmu, axis=0)
+            sum_xmu += tl.sum(xmu, axis=0)
     else:
         n_start, n_end = _split_images(split, rows_per_split, per_channel, inner)
         for n0 in range(n_start, n_end, BLOCK_M):
@@ -246,11 +251,13 @@ def _grad_reduce_partial_kernel(grad_ptr, mask_ptr, x_ptr, mean_ptr, sum_dz_ptr,
                 offs, valid = _nchw_tile(n0, n_end, hw0, pid_c, C, inner, BLOCK_M, BLOCK_HW)
                 dz = _dz_tile(grad_ptr, mask_ptr, offs, valid, RELU)
                 x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+                xmu = tl.where(valid, x - mean, 0.0)
                 sum_dz += tl.sum(tl.sum(dz, axis=1), axis=0)
-                sum_dzxmu += tl.sum(tl.sum(tl.where(valid, dz * (x - mean), 0.0), axis=1),
-                                    axis=0)
+                sum_dzxmu += tl.sum(tl.sum(dz * xmu, axis=1), axis=0)
+                sum_xmu += tl.sum(tl.sum(xmu, axis=1), axis=0)
     tl.store(sum_dz_ptr + split * C + c, sum_dz, mask=c_ok)
     tl.store(sum_dzxmu_ptr + split * C + c, sum_dzxmu, mask=c_ok)
+    tl.store(sum_xmu_ptr + split * C + c, sum_xmu, mask=c_ok)
 
 
 @triton.jit
@@ -345,11 +352,11 @@ def bn_stats(input: torch.Tensor, weight, bias, eps):
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_HW=block_hw,
         CHANNELS_LAST=layout.is_channels_last(x))
     mean, var = merge_partial_stats(mean_part, m2_part, g.per_channel, rows)
-    return (mean, var) + reference.bn_scale_shift(mean, var, weight, bias, eps)
+    return (mean, var) + reference.bn_centred_scale_shift(var, weight, bias, eps)
 
 
 @devices.launches_on_input_device
-def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
+def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask, mean=None):
     x = layout.dense_like(input, input)
     res = layout.dense_like(residual, x) if residual is not None else x
     g = layout.geometry(x)
@@ -360,8 +367,9 @@ def bn_add_relu_apply(input, residual, scale, shift, relu, save_mask):
     numel = x.numel()
     if numel:
         _launch(_apply_kernel, x)[(triton.cdiv(numel, block),)](
-            x, res, scale.contiguous(), shift.contiguous(), out, mask if save_mask else out,
-            numel, g.channels, g.inner, HAS_RESIDUAL=residual is not None, RELU=relu,
+            x, res, mean.contiguous() if mean is not None else scale, scale.contiguous(),
+            shift.contiguous(), out, mask if save_mask else out, numel, g.channels, g.inner,
+            HAS_RESIDUAL=residual is not None, HAS_MEAN=mean is not None, RELU=relu,
             SAVE_MASK=save_mask, BLOCK=block)
     return out, mask
 
@@ -371,14 +379,14 @@ def bn_add_relu_grad_reduce(grad, mask, input, mean, var, weight, eps, relu, tra
     x = layout.dense_like(input, input)
     grad = layout.dense_like(grad, x)
     g, (block_m, block_c, block_hw), tiles, splits, rows = _reduction_plan(x)
-    sum_dz_part = torch.empty((splits, g.channels), dtype=torch.float32, device=x.device)
-    sum_dzxmu_part = torch.empty_like(sum_dz_part)
+    parts = torch.empty((3, splits, g.channels), dtype=torch.float32, device=x.device)
     _launch(_grad_reduce_partial_kernel, x)[(tiles, splits)](
-        grad, mask if relu else grad, x, mean.contiguous(), sum_dz_part, sum_dzxmu_part,
+        grad, mask if relu else grad, x, mean.contiguous(), parts[0], parts[1], parts[2],
         g.channels, g.inner, g.per_channel, rows, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_HW=block_hw, CHANNELS_LAST=layout.is_channels_last(x))
-    return reference.bn_backward_coefficients(sum_dz_part.sum(dim=0), sum_dzxmu_part.sum(dim=0),
-                                              var, weight, eps, g.per_channel, training)
+    sum_dz, sum_dz_xmu, sum_xmu = parts.sum(dim=1)
+    return reference.bn_backward_coefficients(sum_dz, sum_dz_xmu, var, weight, eps,
+                                              g.per_channel, training, sum_xmu=sum_xmu)
 
 
 @devices.launches_on_input_device

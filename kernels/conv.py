@@ -15,9 +15,10 @@ Epilogue options are constexprs (unused ones cost nothing): per-output-channel s
 residual add, ReLU, and per-tile mean / M2 of the raw conv output for training-mode BatchNorm
 statistics (merged exactly afterwards: no E[x^2] - E[x]^2).
 
-Prologue option ("ConvBNfprop"): A = relu(x * pscale[c] + pshift[c]) applied to each input
-tile as it is loaded, with the previous layer's training BN as per-input-channel scale/shift:
-the normalised activation is never written to memory. The zero padding stays zero (the
+Prologue option ("ConvBNfprop"): A = relu((x - pmean[c]) * pscale[c] + pshift[c]) applied to
+each input tile as it is loaded, with the previous layer's training BN in its centred form
+(per input channel: batch mean, weight/std, bias): the normalised activation is never written
+to memory. The zero padding stays zero (the
 transform applies to in-bounds elements only), as padding the activation would.
 """
 
@@ -128,7 +129,7 @@ def _grouped_tile(pid, M, C_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 # vectorise.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "H2", "W2", "stride", "pad", "stride2"])
 def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr,
-                 tile_mean_ptr, tile_m2_ptr, pscale_ptr, pshift_ptr,
+                 tile_mean_ptr, tile_m2_ptr, pmean_ptr, pscale_ptr, pshift_ptr,
                  N, H, W, C_in, OH, OW, C_out, H2, W2, C2,
                  stride, pad, stride2,
                  KH: tl.constexpr, KW: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
@@ -184,10 +185,11 @@ def _conv_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, scale_ptr, bias_ptr, res
             b_ok = k_ok[:, None] & n_ok[None, :]
             x_offs = ((img[:, None] * H + ih) * W + iw).to(tl.int64) * c_in + c[None, :]
             a = tl.load(x_ptr + x_offs, mask=a_ok, other=0.0)
-        if PROLOGUE:  # the previous BN + ReLU, in fp32, on in-bounds elements only
+        if PROLOGUE:  # the previous BN + ReLU, centred, in fp32, on in-bounds elements only
+            pm = tl.load(pmean_ptr + c)[None, :]
             ps = tl.load(pscale_ptr + c)[None, :]
             pb = tl.load(pshift_ptr + c)[None, :]
-            t = a.to(tl.float32) * ps + pb
+            t = (a.to(tl.float32) - pm) * ps + pb
             # torch.relu keeps NaN (t != t); the zero padding stays zero
             a = tl.where(a_ok & ((t > 0.0) | (t != t)), t, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :], mask=b_ok, other=0.0)
@@ -303,8 +305,8 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
                 config=None):
     """Fused conv over an NHWC (channels_last) input.
 
-    prologue: optional fp32 (scale, shift) per input channel: the conv then reads
-    relu(x * scale + shift) instead of x (not with a shortcut).
+    prologue: optional fp32 (mean, scale, shift) per input channel: the conv then reads
+    relu((x - mean) * scale + shift) instead of x (not with a shortcut).
 
     x: [N, C_in, H, W] channels_last; w_packed: pack_weight(...) of a [C_out, C_in, KH, KW]
     weight; shortcut: optional (x2, w2_packed, stride2) with x2 channels_last [N, C2, H2, W2]
@@ -323,7 +325,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
     check_index_range(n, oh * ow, "output")
     check_index_range(n, h * w, "input")
     # Whole 16-byte channel runs: pad C_in (the stem's 3) with zero channels, which add
-    # nothing to the products (and a zero prologue scale/shift keeps them zero).
+    # nothing to the products (and a zero prologue mean/scale/shift keeps them zero).
     c_pad = _aligned_channels(c_in)
     x = _nhwc_padded(x, c_pad)
     w_packed = _pad_channels(w_packed, 2, c_pad)
@@ -355,8 +357,7 @@ def conv2d_nhwc(x, w_packed, stride, padding, *, scale=None, bias=None, residual
             x, w_packed, x2, w2, out,
             scale if scale is not None else out, bias if bias is not None else out,
             residual if residual is not None else out, tile_mean, tile_m2,
-            prologue[0] if prologue is not None else out,
-            prologue[1] if prologue is not None else out,
+            *(prologue if prologue is not None else (out, out, out)),
             n, h, w, c_pad, oh, ow, c_out, h2, w2_size, c2, stride, padding, stride2,
             KH=kh, KW=kw, HAS_SHORTCUT=shortcut is not None, HAS_SCALE=scale is not None,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,

@@ -259,11 +259,12 @@ def triton_cases(chk: Checker) -> None:
             w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
             scale = torch.rand(cout) + 0.5 if "scale" in options else None
             bias = torch.randn(cout) if "bias" in options else None
-            prologue = (torch.rand(cin) + 0.5, torch.randn(cin)) if "prologue" in options \
-                else None
+            prologue = (torch.randn(cin), torch.rand(cin) + 0.5, torch.randn(cin)) \
+                if "prologue" in options else None  # (mean, scale, shift)
             a = x.float()
             if prologue is not None:
-                a = torch.relu(a * prologue[0].view(1, -1, 1, 1) + prologue[1].view(1, -1, 1, 1))
+                mean, pscale, pshift = (t.view(1, -1, 1, 1) for t in prologue)
+                a = torch.relu((a - mean) * pscale + pshift)
             z = F.conv2d(a, w.float(), None, s, p)
             shortcut = None
             if "shortcut" in options:

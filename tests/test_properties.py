@@ -169,38 +169,38 @@ def _check(c: Comparison, where=""):
 
 def _compare(name, got, ref64, same, same_ref64=None, terms=0.0):
     """verify.compare, plus ROUNDING_UNITS fp32 rounding units at `terms`: the magnitude of the
-    largest intermediate terms of the fp32 arithmetic (BN in fp32: the batch statistics and the
-    affine form x*scale + shift, whose terms cancel when |mean| >> std; see _bn_terms). PyTorch's
-    CPU BatchNorm accumulates its statistics in double, so twice its error does not bound a
-    correct fp32 implementation there."""
+    fp32 intermediate terms of BatchNorm that PyTorch's CPU BatchNorm does not round the same
+    way (see _bn_terms): the fp32 batch mean's own rounding, and per-channel sums of M terms
+    that PyTorch accumulates in double."""
     c = compare(name, got, ref64, same, same_ref64)
     return c._replace(allowed=c.allowed + ROUNDING_UNITS * torch.finfo(torch.float32).eps
                       * float(terms))
 
 
 def _bn_terms(x64, g64, mean64, var64, weight64, bias64, eps, training):
-    """(forward, backward) term magnitudes of fp32 BatchNorm, times sqrt(M) (the growth of a
-    sum of M terms): forward y = x*scale + shift (|x*scale| + |mean*scale| + |bias|), backward
-    dx = k*dz + b*(x - mean) + c with |dz| <= |g| (|k*g| + |b|*(|x - mean| + |mean|) + |c|:
-    the fp32 mean is off by up to an ulp of |mean|, and dx moves by b per unit of mean, where
-    |b| ~ k/var * sum(dz*(x - mean))/M is large for a channel with |mean| >> std)."""
+    """(forward, backward) magnitudes of the fp32 terms of BatchNorm in the centred form the
+    kernels use. Forward y = (x - mean)*scale + bias: x - mean is exact near the mean, so the
+    terms are |x - mean|*scale + |bias|, and the fp32 mean's half-ulp offset, |mean|*scale/2
+    (PyTorch stores its mean in fp32 too). Backward dx = k*dz + b*(x - mean) + c with b and c
+    from per-channel sums of M terms (rounding growing as sqrt(M): |b| ~ k/var *
+    sum|dz*(x - mean)|/M, |c| ~ k*sum|dz|/M); the mean's offset is corrected out of them."""
     count = x64.numel() // x64.shape[1]
     pc = (lambda t: t.view(1, -1, 1, 1))
     invstd = 1.0 / torch.sqrt(var64 + eps)
     k = invstd * weight64.abs() if weight64 is not None else invstd
     bias_mag = bias64.abs() if bias64 is not None else torch.zeros_like(k)
     xmu = (x64 - pc(mean64)).abs()
-    forward = (x64.abs() * pc(k) + pc((mean64 * k).abs() + bias_mag)).max().item()
+    forward = (xmu * pc(k) + pc(bias_mag + (mean64 * k).abs() / 2)).max().item()
     if g64 is None:
-        return forward * math.sqrt(count), 0.0
+        return forward, 0.0
     g = g64.abs()
     if training:
         b = k * invstd * invstd * (g * xmu).sum(dim=(0, 2, 3)) / count
         c = k * g.sum(dim=(0, 2, 3)) / count
     else:
         b = c = torch.zeros_like(k)
-    backward = (g * pc(k) + pc(b) * (xmu + pc(mean64.abs())) + pc(c)).max().item()
-    return forward * math.sqrt(count), backward * math.sqrt(count)
+    backward = (g * pc(k)).max().item() + (pc(b) * xmu + pc(c)).max().item() * math.sqrt(count)
+    return forward, backward
 
 
 def _check_layout(out, like, what):
@@ -416,11 +416,10 @@ def bn_compare_step(fused, bn_fused, bn_torch, bn_64, x, residual, grad_out, rel
         x64, g64, mean64, var64, _d(snapshot.weight), _d(snapshot.bias), snapshot.eps, training)
     if residual is not None:
         forward_terms += r64.abs().max().item()
-    # grad weight = sum(dz*(x - mean))*invstd: the fp32 mean's ulp moves it by
-    # invstd*|mean|*sum|dz| (as dx above), plus the sum's own rounding
+    # grad weight = sum(dz*(x - mean))*invstd: the sum's own rounding (the fp32 mean's offset
+    # is corrected out of it)
     count = x64.numel() // x64.shape[1]
-    weight_terms = ((g64.abs() * ((x64 - mean64.view(1, -1, 1, 1)).abs()
-                                  + mean64.abs().view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
+    weight_terms = ((g64.abs() * (x64 - mean64.view(1, -1, 1, 1)).abs()).sum(dim=(0, 2, 3))
                     / torch.sqrt(var64 + snapshot.eps)).max().item() * math.sqrt(count)
     first = _compare("output", out, out_64, out_t, terms=forward_terms)
     results = [first]
@@ -480,9 +479,9 @@ def prop_bn_add_relu(case: BNCase):
 
 
 # Found by hypothesis: fp32 training on data with |mean| >> std and two values per channel,
-# where the fp32 statistics and the x*scale + shift form round at |mean*scale| ~ 30x the
-# output (PyTorch's CPU BatchNorm accumulates in double: 5x less error). Within the
-# fp32-terms bound of _compare; kept so that bound stays exercised.
+# where statistics accumulated in fp32 and the folded x*scale + shift form rounded at
+# |mean*scale| ~ 30x the output (5x PyTorch's error). The double merges, the centred form and
+# the backward's mean-offset correction hold them to the bound of _bn_terms.
 FP32_CANCELLATION = BNCase(
     backend=CPU_BACKENDS[0], shape=(2, 1, 1, 1), dtype=torch.float32, x_layout="nchw",
     r_layout="nchw", g_layout="nchw", dist="offset", seed=1, residual=False, relu=False,
@@ -493,8 +492,8 @@ test_bn_add_relu_matches_pytorch, test_bn_add_relu_matches_pytorch_slow = _prope
     bn_cases(), prop_bn_add_relu, weight=1.5,
     examples=[FP32_CANCELLATION, dataclasses.replace(FP32_CANCELLATION, seed=19),
               # found by hypothesis (slow profile): grad input off by 2.5e-3 (PyTorch: 1.8e-5)
-              # in a channel with mean 4.4, std 0.025, M = 3: the fp32 mean is 1 ulp off and
-              # |b| = 2994 (see _bn_terms)
+              # in a channel with mean 4.4, std 0.025, M = 3: the fp32 mean was 1 ulp off and
+              # |b| = 2994 multiplied it (now corrected out: bn_backward_coefficients)
               dataclasses.replace(FP32_CANCELLATION, shape=(3, 13, 1, 1), seed=2525,
                                   affine=False, track_running_stats=False)])
 
@@ -1082,8 +1081,8 @@ def prop_bn_relu_conv(case: BNReluConvCase):
         grads = _grads(out, leaves, grad_out) if case.grads else None
         # the ReLU decisions the backward uses: the apply kernel of this backend on the
         # op's own scale/shift
-        scale, shift = bn_relu_conv_ops._scale_shift(z, bn_w, bn_b, mean, var, case.eps)
-        _, mask = ops.bn_add_relu_apply(z, None, scale, shift, True, True)
+        centre, scale, shift = bn_relu_conv_ops._centred_bn(z, bn_w, bn_b, mean, var, case.eps)
+        _, mask = ops.bn_add_relu_apply(z, None, scale, shift, True, True, centre)
     keep = reference.relu_mask(mask, layout.dense_like(z, z))
     assert out.shape == geo.out_shape and out.dtype == case.dtype
     _check_layout(out, z, "bn_relu_conv2d_bn_stats")
@@ -1113,10 +1112,9 @@ def prop_bn_relu_conv(case: BNReluConvCase):
     _check_stats(out_mean, out_var, out64, out_t.detach(), first.allowed, count,
                  "bn_relu_conv2d_bn_stats")
     # decisions within rounding of zero: the BN output's error is a few fp32 roundings of
-    # |z*scale| + |shift|
+    # |z - mean|*scale + |shift| and of the mean
     eps32 = torch.finfo(torch.float32).eps
-    tol = ROUNDING_UNITS * eps32 * (z.double().abs().max() * scale.double().abs().max()
-                                    + shift.double().abs().max()).item()
+    tol = ROUNDING_UNITS * eps32 * forward_terms
     _relu_decisions("BN+ReLU prologue", keep, pre64.detach(), tol)
     if not case.grads:
         return
@@ -1137,7 +1135,8 @@ def prop_bn_relu_conv(case: BNReluConvCase):
 
 test_bn_relu_conv2d_bn_stats_matches_pytorch, test_bn_relu_conv2d_bn_stats_matches_pytorch_slow = \
     _property(bn_relu_conv_cases(), prop_bn_relu_conv, weight=1.0, examples=[
-        # found by hypothesis: the fp32 prologue's x*scale + shift at |mean*scale| ~ 28
+        # found by hypothesis: the fp32 prologue's folded x*scale + shift cancelled at
+        # |mean*scale| ~ 28 (now applied centred: (x - mean)*scale + shift)
         BNReluConvCase(backend=CPU_BACKENDS[0], path=CONV_PATHS[-1],
                        geometry=ConvGeometry(2, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), 1),
                        dtype=torch.float32, x_layout="nchw", g_layout="nchw", dist="offset",

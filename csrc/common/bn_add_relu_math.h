@@ -61,51 +61,70 @@ FR_HD float welford_biased_var(const WelfordState& s) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward reductions: sum(dz) and sum(dz * (x - mean)) per channel, in fp32.
+// Backward reductions: sum(dz), sum(dz * (x - mean)) and sum(x - mean) per channel, in fp32.
+// `mean` is the fp32 batch mean, up to half an ulp of |mean| away from the exact one; the third
+// sum measures that offset so backward can correct for it (bn_backward_coefficients).
 struct GradSums {
   float sum_dz;
   float sum_dz_xmu;
+  float sum_xmu;
 };
 
-FR_HD GradSums grad_sums_empty() { return GradSums{0.f, 0.f}; }
+FR_HD GradSums grad_sums_empty() { return GradSums{0.f, 0.f, 0.f}; }
 
 FR_HD void grad_sums_combine(GradSums& a, const GradSums& b) {
   a.sum_dz += b.sum_dz;
   a.sum_dz_xmu += b.sum_dz_xmu;
+  a.sum_xmu += b.sum_xmu;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Per-channel finishing math, run once per channel at the end of the reductions.
 
-// BatchNorm as an affine map y = x*scale + shift. weight/bias are 1/0 for affine=False.
+// BatchNorm in its centred form y = (x - mean)*scale + shift: scale = weight/sqrt(var + eps),
+// shift = bias (weight/bias are 1/0 for affine=False). Not folded into x*scale + (bias -
+// mean*scale), whose two terms cancel where |mean| >> std; x - mean is exact near the mean.
 // 1/sqrt rather than a fast reciprocal square root: the same rounding on CPU and GPU.
-FR_HD void bn_scale_shift(float mean, float var, float weight, float bias, float eps,
-                          float& scale, float& shift) {
-  const float invstd = 1.f / sqrtf(var + eps);
-  scale = weight * invstd;
-  shift = bias - mean * scale;
+FR_HD void bn_centred_scale_shift(float var, float weight, float bias, float eps, float& scale,
+                                  float& shift) {
+  scale = weight * (1.f / sqrtf(var + eps));
+  shift = bias;
 }
 
-// What backward needs per channel, from the two sums over the channel's `count` elements:
+// What backward needs per channel, from the three sums over the channel's `count` elements:
 // the coefficients of bn_backward_input (below) and the parameter gradients.
+//
+// In training the sums are taken around the fp32 batch mean m, which is off the exact mean mu by
+// d = mu - m = sum(x - m) / count (half an ulp of |mean| at best). On a channel with
+// |mean| >> std that offset is not small against x - mu, and b is large (~ 1/var), so b*d
+// would dominate the error of every input gradient. Taking the offset out exactly:
+//   sum(dz*(x - mu)) = sum(dz*(x - m)) - d*sum(dz),  b*(x - mu) + c = b*(x - m) + (c - b*d),
+// so the kernels keep computing b*(x - m) with the stored fp32 mean and get mu's gradient.
 struct BackwardCoefficients {
   float k, b, c;
   float grad_weight, grad_bias;
 };
 
-FR_HD BackwardCoefficients bn_backward_coefficients(float sum_dz, float sum_dz_xmu, float var,
-                                                    float weight, float eps, int64_t count,
-                                                    bool training) {
+// The sums come in the caller's accumulation type A (fp32 on the GPU, double on the CPU), in
+// which the offset is taken out; the coefficients are fp32.
+template <typename A>
+FR_HD BackwardCoefficients bn_backward_coefficients(A sum_dz, A sum_dz_xmu, A sum_xmu,
+                                                    float var, float weight, float eps,
+                                                    int64_t count, bool training) {
   const float invstd = 1.f / sqrtf(var + eps);
   BackwardCoefficients r;
   r.k = weight * invstd;
   const float inv_count = 1.f / static_cast<float>(count);
   // An empty batch (count 0) has NaN statistics: PyTorch's weight gradient is 0, not 0*NaN.
   const bool batch = training && count > 0;
-  r.b = batch ? -r.k * invstd * invstd * sum_dz_xmu * inv_count : 0.f;
-  r.c = batch ? -r.k * sum_dz * inv_count : 0.f;
-  r.grad_weight = count > 0 ? sum_dz_xmu * invstd : 0.f;
-  r.grad_bias = sum_dz;
+  // eval: `mean` is the running mean, the one the forward used: nothing to correct
+  const A offset = batch ? sum_xmu / static_cast<A>(count) : static_cast<A>(0);
+  const float centred = static_cast<float>(sum_dz_xmu - offset * sum_dz);
+  const float dz_total = static_cast<float>(sum_dz);
+  r.b = batch ? -r.k * invstd * invstd * centred * inv_count : 0.f;
+  r.c = batch ? -r.k * dz_total * inv_count - r.b * static_cast<float>(offset) : 0.f;
+  r.grad_weight = count > 0 ? centred * invstd : 0.f;
+  r.grad_bias = dz_total;
   return r;
 }
 
@@ -120,9 +139,11 @@ FR_HD float relu_keep_nan(float y) {
   return y != y ? y : clamped;
 }
 
-// out = relu(x * scale + shift + residual); scale = weight * invstd, shift = bias - mean * scale.
-FR_HD float bn_add_relu_forward(float x, float scale, float shift, float residual, bool relu) {
-  const float y = x * scale + shift + residual;
+// out = relu((x - mean) * scale + shift + residual) (bn_centred_scale_shift; mean 0: any affine
+// map x * scale + shift, e.g. a folded one).
+FR_HD float bn_add_relu_forward(float x, float mean, float scale, float shift, float residual,
+                                bool relu) {
+  const float y = (x - mean) * scale + shift + residual;
   return relu ? relu_keep_nan(y) : y;
 }
 
@@ -133,8 +154,10 @@ FR_HD float relu_backward(float grad, bool positive, bool relu) {
 }
 
 FR_HD void grad_sums_add(GradSums& s, float dz, float x, float mean) {
+  const float xmu = x - mean;
   s.sum_dz += dz;
-  s.sum_dz_xmu += dz * (x - mean);
+  s.sum_dz_xmu += dz * xmu;
+  s.sum_xmu += xmu;
 }
 
 // BatchNorm input gradient, written so train and eval share one kernel:
@@ -224,14 +247,17 @@ inline ChannelMap make_channel_map(Geometry g) {
 // A group of up to 8 consecutive elements (one mask byte), starting at memory offset 8*g.
 // Values are already converted to fp32 (residual: zeros when there is none); `count` < 8 only
 // for the tensor's last group.
+// mean: nullptr for the uncentred map x * scale + shift.
 FR_HD uint8_t forward_group8(const float* x, const float* residual, int count, ChannelWalker& w,
-                             const float* scale, const float* shift, bool relu, float* out) {
+                             const float* mean, const float* scale, const float* shift, bool relu,
+                             float* out) {
   uint8_t bits = 0;
   FR_UNROLL
   for (int k = 0; k < 8; ++k) {
     if (k >= count) break;
     const int64_t c = w.c;
-    const float y = bn_add_relu_forward(x[k], scale[c], shift[c], residual[k], relu);
+    const float y =
+        bn_add_relu_forward(x[k], mean ? mean[c] : 0.f, scale[c], shift[c], residual[k], relu);
     bits |= static_cast<uint8_t>(y > 0.f) << k;
     out[k] = y;
     w.next();

@@ -52,9 +52,10 @@ void bn_stats(DType dtype, const void* x, Geometry g, const float* weight, const
   FR_DISPATCH_ISA(bn_stats, dtype, x, g, weight, bias, eps, out)
 }
 
-void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* scale,
-                       const float* shift, bool relu, Geometry g, void* out, uint8_t* mask) {
-  FR_DISPATCH_ISA(bn_add_relu_apply, dtype, x, residual, scale, shift, relu, g, out, mask)
+void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* mean,
+                       const float* scale, const float* shift, bool relu, Geometry g, void* out,
+                       uint8_t* mask) {
+  FR_DISPATCH_ISA(bn_add_relu_apply, dtype, x, residual, mean, scale, shift, relu, g, out, mask)
 }
 
 void bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask, const void* x,

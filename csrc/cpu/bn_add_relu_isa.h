@@ -22,8 +22,9 @@
   namespace isa {                                                                              \
   void bn_stats(DType dtype, const void* x, Geometry g, const float* weight, const float* bias, \
                 float eps, StatsOutputs out);                                                  \
-  void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* scale,  \
-                         const float* shift, bool relu, Geometry g, void* out, uint8_t* mask); \
+  void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const float* mean,   \
+                         const float* scale, const float* shift, bool relu, Geometry g,         \
+                         void* out, uint8_t* mask);                                             \
   void bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask,              \
                                const void* x, const float* mean, const float* var,              \
                                const float* weight, float eps, bool relu, bool training,        \

@@ -115,23 +115,25 @@ void for_each_chunk(int64_t numel, Body body) {
 
 // ---- forward ------------------------------------------------------------------------------------
 // __restrict__: without it the compiler gives up vectorising loops with this many pointers.
-template <typename T, bool HAS_RES>
+// HAS_MEAN: the centred form (x - mean) * scale + shift; otherwise x * scale + shift.
+template <typename T, bool HAS_RES, bool HAS_MEAN>
 void apply_run(const T* __restrict__ x, const T* __restrict__ res,
-               const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
-               int64_t len, bool same_channel, T* __restrict__ out,
-               uint8_t* __restrict__ flags) {
+               const float* __restrict__ mean, const float* __restrict__ scale,
+               const float* __restrict__ shift, bool relu, int64_t len, bool same_channel,
+               T* __restrict__ out, uint8_t* __restrict__ flags) {
   if (same_channel) {
-    const float sc = scale[0], sh = shift[0];
+    const float m = HAS_MEAN ? mean[0] : 0.f, sc = scale[0], sh = shift[0];
     for (int64_t k = 0; k < len; ++k) {
       const float r = HAS_RES ? static_cast<float>(res[k]) : 0.f;
-      const float y = bn_add_relu_forward(static_cast<float>(x[k]), sc, sh, r, relu);
+      const float y = bn_add_relu_forward(static_cast<float>(x[k]), m, sc, sh, r, relu);
       out[k] = static_cast<T>(y);
       flags[k] = y > 0.f;
     }
   } else {
     for (int64_t k = 0; k < len; ++k) {
       const float r = HAS_RES ? static_cast<float>(res[k]) : 0.f;
-      const float y = bn_add_relu_forward(static_cast<float>(x[k]), scale[k], shift[k], r, relu);
+      const float y = bn_add_relu_forward(static_cast<float>(x[k]), HAS_MEAN ? mean[k] : 0.f,
+                                          scale[k], shift[k], r, relu);
       out[k] = static_cast<T>(y);
       flags[k] = y > 0.f;
     }
@@ -163,15 +165,51 @@ void grad_apply_run(const T* __restrict__ grad, const uint8_t* __restrict__ flag
 }
 
 // ---- reductions ---------------------------------------------------------------------------------
-// Partial state of a channel over n contiguous elements: the chunk's exact mean, then the sum
-// of squared deviations from it (two passes over cache-resident data, per-lane partial sums).
-// Chunks are then merged with Chan's formula (welford_combine).
+// Chunks of a channel are reduced in fp32 (vectorised), their partial results merged in double,
+// as PyTorch's CPU BatchNorm accumulates: a channel's statistics then carry the rounding of one
+// chunk, not of every merge along a large batch.
+
+// Statistics merged in double (Chan et al.).
+struct StatsAcc {
+  double mean = 0.0;
+  double m2 = 0.0;
+  int64_t count = 0;
+};
+
+void merge(StatsAcc& a, const WelfordState& b) {
+  if (b.count == 0) return;
+  const int64_t n = a.count + b.count;
+  const double share = static_cast<double>(b.count) / static_cast<double>(n);
+  const double delta = static_cast<double>(b.mean) - a.mean;
+  a.mean += delta * share;
+  a.m2 += static_cast<double>(b.m2) + delta * delta * static_cast<double>(a.count) * share;
+  a.count = n;
+}
+
+// Gradient sums added in double.
+struct SumsAcc {
+  double sum_dz = 0.0;
+  double sum_dz_xmu = 0.0;
+  double sum_xmu = 0.0;
+};
+
+void merge(SumsAcc& a, const GradSums& b) {
+  a.sum_dz += b.sum_dz;
+  a.sum_dz_xmu += b.sum_dz_xmu;
+  a.sum_xmu += b.sum_xmu;
+}
+
+// Partial state of a channel over n contiguous elements: the chunk's mean from sums of the
+// deviations from its first element (so a channel whose mean is large against its spread adds
+// small numbers, not large ones), then the sum of squared deviations from that mean (two passes
+// over cache-resident data, per-lane partial sums).
 template <typename T>
 WelfordState chunk_stats(const T* __restrict__ x, int64_t n) {
+  const float shift = static_cast<float>(x[0]);
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += static_cast<float>(x[k]);
-  const float mean = sum / static_cast<float>(n);
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<float>(x[k]) - shift;
+  const float mean = shift + sum / static_cast<float>(n);
   float m2 = 0.f;
 #pragma omp simd reduction(+ : m2)
   for (int64_t k = 0; k < n; ++k) {
@@ -181,42 +219,44 @@ WelfordState chunk_stats(const T* __restrict__ x, int64_t n) {
   return WelfordState{mean, m2, n};
 }
 
-// sum(dz) and sum(dz*(x - mean)) of one channel over n elements. `omp simd reduction` keeps
-// one partial sum per vector lane and adds the lanes at the end (a two-level sum).
+// sum(dz), sum(dz*(x - mean)) and sum(x - mean) of one channel over n elements. `omp simd
+// reduction` keeps one partial sum per vector lane and adds the lanes at the end (a two-level
+// sum).
 template <typename T>
 GradSums lane_grad_sums(const T* __restrict__ grad, const uint8_t* __restrict__ flags,
                         const T* __restrict__ x, float mean, bool relu, int64_t n) {
-  float sum_dz = 0.f, sum_dz_xmu = 0.f;
-#pragma omp simd reduction(+ : sum_dz, sum_dz_xmu)
+  float sum_dz = 0.f, sum_dz_xmu = 0.f, sum_xmu = 0.f;
+#pragma omp simd reduction(+ : sum_dz, sum_dz_xmu, sum_xmu)
   for (int64_t k = 0; k < n; ++k) {
     const float dz = relu_backward(static_cast<float>(grad[k]), flags[k], relu);
+    const float xmu = static_cast<float>(x[k]) - mean;
     sum_dz += dz;
-    sum_dz_xmu += dz * (static_cast<float>(x[k]) - mean);
+    sum_dz_xmu += dz * xmu;
+    sum_xmu += xmu;
   }
-  return GradSums{sum_dz, sum_dz_xmu};
+  return GradSums{sum_dz, sum_dz_xmu, sum_xmu};
 }
 
 template <typename T>
-std::vector<WelfordState> stats_nchw(const T* x, Geometry g) {
-  std::vector<WelfordState> result(g.channels, welford_empty());
+std::vector<StatsAcc> stats_nchw(const T* x, Geometry g) {
+  std::vector<StatsAcc> result(g.channels);
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       for (int64_t n = 0; n < g.outer; ++n) {
         const T* plane = x + (n * g.channels + c) * g.inner;
         for (int64_t s = 0; s < g.inner; s += kPlaneChunk)
-          welford_combine(result[c], chunk_stats(plane + s, std::min(kPlaneChunk, g.inner - s)));
+          merge(result[c], chunk_stats(plane + s, std::min(kPlaneChunk, g.inner - s)));
       }
   });
   return result;
 }
 
-
-
 // NHWC: partial results over chunks of rows (pixels), all channels of a row at once
-// (independent per-channel accumulators: vectorised across channels), merged in chunk order.
-template <typename State, typename ChunkFn>
-std::vector<State> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
-                               ChunkFn chunk_fn) {
+// (independent per-channel accumulators: vectorised across channels), merged in chunk order
+// into Acc (double) states.
+template <typename Acc, typename State, typename ChunkFn>
+std::vector<Acc> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
+                             ChunkFn chunk_fn) {
   const int64_t C = g.channels;
   const int64_t rows = std::max<int64_t>(1, chunk_elements / C);
   const int64_t chunks = (g.outer + rows - 1) / rows;
@@ -225,24 +265,26 @@ std::vector<State> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
     for (int64_t ch = begin; ch < end; ++ch)
       chunk_fn(ch * rows, std::min(g.outer, (ch + 1) * rows), partial.data() + ch * C);
   });
-  std::vector<State> result(C, empty);
+  std::vector<Acc> result(C);
   at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
-      for (int64_t ch = 0; ch < chunks; ++ch) MergeStates{}(result[c], partial[ch * C + c]);
+      for (int64_t ch = 0; ch < chunks; ++ch) merge(result[c], partial[ch * C + c]);
   });
   return result;
 }
 
 template <typename T>
-std::vector<WelfordState> stats_nhwc(const T* x, Geometry g) {
+std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc(g, kNhwcStatsChunkElements, welford_empty(),
-                     [&](int64_t r0, int64_t r1, WelfordState* out) {
-    std::vector<float> sum(C, 0.f), m2(C, 0.f);
+  return reduce_nhwc<StatsAcc>(g, kNhwcStatsChunkElements, welford_empty(),
+                               [&](int64_t r0, int64_t r1, WelfordState* out) {
+    // sums of deviations from the chunk's first row (see chunk_stats)
+    std::vector<float> shift(C), sum(C, 0.f), m2(C, 0.f);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]);
+      for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]) - shift[c];
     const float n = static_cast<float>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) sum[c] /= n;  // now the chunk's mean
+    for (int64_t c = 0; c < C; ++c) sum[c] = shift[c] + sum[c] / n;  // now the chunk's mean
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = 0; c < C; ++c) {
         const float d = static_cast<float>(x[r * C + c]) - sum[c];
@@ -253,9 +295,9 @@ std::vector<WelfordState> stats_nhwc(const T* x, Geometry g) {
 }
 
 template <typename T>
-std::vector<GradSums> grad_sums_nchw(const T* grad, const uint8_t* mask, const T* x,
-                                     const float* mean, bool relu, Geometry g) {
-  std::vector<GradSums> result(g.channels, grad_sums_empty());
+std::vector<SumsAcc> grad_sums_nchw(const T* grad, const uint8_t* mask, const T* x,
+                                    const float* mean, bool relu, Geometry g) {
+  std::vector<SumsAcc> result(g.channels);
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> flags(kPlaneChunk + 16, 0);  // stays 0 without ReLU: unused then
     for (int64_t c = begin; c < end; ++c)
@@ -265,8 +307,8 @@ std::vector<GradSums> grad_sums_nchw(const T* grad, const uint8_t* mask, const T
           const int64_t first = base + s, len = std::min(kPlaneChunk, g.inner - s);
           const int64_t aligned = first / 8 * 8, lead = first - aligned;
           if (relu) unpack_mask(mask, aligned, lead + len, flags.data());
-          grad_sums_combine(result[c], lane_grad_sums(grad + first, flags.data() + lead,
-                                                      x + first, mean[c], relu, len));
+          merge(result[c], lane_grad_sums(grad + first, flags.data() + lead, x + first, mean[c],
+                                          relu, len));
         }
       }
   });
@@ -274,12 +316,12 @@ std::vector<GradSums> grad_sums_nchw(const T* grad, const uint8_t* mask, const T
 }
 
 template <typename T>
-std::vector<GradSums> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T* x,
-                                     const float* mean, bool relu, Geometry g) {
+std::vector<SumsAcc> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T* x,
+                                    const float* mean, bool relu, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc(g, kNhwcSumsChunkElements, grad_sums_empty(),
-                     [&](int64_t r0, int64_t r1, GradSums* out) {
-    std::vector<float> sdz(C, 0.f), sdzx(C, 0.f);
+  return reduce_nhwc<SumsAcc>(g, kNhwcSumsChunkElements, grad_sums_empty(),
+                              [&](int64_t r0, int64_t r1, GradSums* out) {
+    std::vector<float> sdz(C, 0.f), sdzx(C, 0.f), sxmu(C, 0.f);
     const int64_t first = r0 * C, aligned = first / 8 * 8, lead = first - aligned;
     // Without a ReLU every flag passes (relu_backward ignores them): zeros are fine.
     std::vector<uint8_t> flags(lead + (r1 - r0) * C, 0);
@@ -288,11 +330,13 @@ std::vector<GradSums> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T
       const uint8_t* f = flags.data() + lead + (r - r0) * C;
       for (int64_t c = 0; c < C; ++c) {
         const float dz = relu_backward(static_cast<float>(grad[r * C + c]), f[c], relu);
+        const float xmu = static_cast<float>(x[r * C + c]) - mean[c];
         sdz[c] += dz;
-        sdzx[c] += dz * (static_cast<float>(x[r * C + c]) - mean[c]);
+        sdzx[c] += dz * xmu;
+        sxmu[c] += xmu;
       }
     }
-    for (int64_t c = 0; c < C; ++c) out[c] = GradSums{sdz[c], sdzx[c]};
+    for (int64_t c = 0; c < C; ++c) out[c] = GradSums{sdz[c], sdzx[c], sxmu[c]};
   });
 }
 
@@ -305,16 +349,20 @@ void bn_stats(DType dtype, const void* x_, Geometry g, const float* weight, cons
     const T* x = static_cast<const T*>(x_);
     const auto states = g.inner == 1 ? stats_nhwc(x, g) : stats_nchw(x, g);
     for (int64_t c = 0; c < g.channels; ++c) {
-      out.mean[c] = welford_mean(states[c]);
-      out.var[c] = welford_biased_var(states[c]);
-      bn_scale_shift(out.mean[c], out.var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f,
-                     eps, out.scale[c], out.shift[c]);
+      // NaN for an empty channel, as torch.var_mean gives
+      const StatsAcc& s = states[c];
+      out.mean[c] = s.count > 0 ? static_cast<float>(s.mean) : __builtin_nanf("");
+      out.var[c] = s.count > 0 ? static_cast<float>(s.m2 / static_cast<double>(s.count))
+                               : __builtin_nanf("");
+      bn_centred_scale_shift(out.var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f, eps,
+                             out.scale[c], out.shift[c]);
     }
   });
 }
 
-void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const float* scale,
-                       const float* shift, bool relu, Geometry g, void* out_, uint8_t* mask) {
+void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const float* mean,
+                       const float* scale, const float* shift, bool relu, Geometry g, void* out_,
+                       uint8_t* mask) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(x_);
@@ -324,10 +372,17 @@ void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const floa
       uint8_t flags[kChunk];
       for_each_run(g, begin, end, [&](int64_t i, int64_t len, int64_t c, bool same) {
         uint8_t* f = flags + (i - begin);
-        if (res)
-          apply_run<T, true>(x + i, res + i, scale + c, shift + c, relu, len, same, out + i, f);
+        const float* m = mean ? mean + c : nullptr;
+        const T* r = res ? res + i : nullptr;
+        if (res && mean)
+          apply_run<T, true, true>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
+        else if (res)
+          apply_run<T, true, false>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
+        else if (mean)
+          apply_run<T, false, true>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
         else
-          apply_run<T, false>(x + i, nullptr, scale + c, shift + c, relu, len, same, out + i, f);
+          apply_run<T, false, false>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i,
+                                     f);
       });
       if (mask) pack_mask(flags, begin, end - begin, mask);
     });
@@ -346,7 +401,7 @@ void bn_add_relu_grad_reduce(DType dtype, const void* grad_, const uint8_t* mask
                                    : grad_sums_nchw(grad, mask, x, mean, relu, g);
     for (int64_t c = 0; c < g.channels; ++c) {
       const BackwardCoefficients r =
-          bn_backward_coefficients(sums[c].sum_dz, sums[c].sum_dz_xmu, var[c],
+          bn_backward_coefficients(sums[c].sum_dz, sums[c].sum_dz_xmu, sums[c].sum_xmu, var[c],
                                    weight ? weight[c] : 1.f, eps, g.per_channel(), training);
       out.k[c] = r.k;
       out.b[c] = r.b;

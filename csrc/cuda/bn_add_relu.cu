@@ -114,8 +114,9 @@ __device__ __forceinline__ void for_each_group(Geometry g, const ChannelMap& map
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ res,
-                 const float* __restrict__ scale, const float* __restrict__ shift, bool relu,
-                 Geometry g, ChannelMap map, T* __restrict__ out, uint8_t* __restrict__ mask) {
+                 const float* __restrict__ mean, const float* __restrict__ scale,
+                 const float* __restrict__ shift, bool relu, Geometry g, ChannelMap map,
+                 T* __restrict__ out, uint8_t* __restrict__ mask) {
   const int64_t numel = g.numel();
   for_each_group(g, map, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float xv[8], rv[8], yv[8];
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 8; ++k) rv[k] = 0.f;
     }
-    const uint8_t bits = forward_group8(xv, rv, count, w, scale, shift, relu, yv);
+    const uint8_t bits = forward_group8(xv, rv, count, w, mean, scale, shift, relu, yv);
     store8<T, VEC>(out, i0, count, yv);
     if (mask) mask[grp] = bits;
   });
@@ -200,8 +201,8 @@ struct StatsFinish {
   __device__ void operator()(int64_t c, const WelfordState& s) const {
     mean[c] = welford_mean(s);
     var[c] = welford_biased_var(s);
-    bn_scale_shift(mean[c], var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f, eps,
-                   scale[c], shift[c]);
+    bn_centred_scale_shift(var[c], weight ? weight[c] : 1.f, bias ? bias[c] : 0.f, eps,
+                           scale[c], shift[c]);
   }
 };
 
@@ -256,7 +257,8 @@ struct GradFinish {
   BackwardOutputs out;
   __device__ void operator()(int64_t c, const GradSums& s) const {
     const BackwardCoefficients r = bn_backward_coefficients(
-        s.sum_dz, s.sum_dz_xmu, var[c], weight ? weight[c] : 1.f, eps, count, training);
+        s.sum_dz, s.sum_dz_xmu, s.sum_xmu, var[c], weight ? weight[c] : 1.f, eps, count,
+        training);
     out.k[c] = r.k;
     out.b[c] = r.b;
     out.c[c] = r.c;
@@ -390,15 +392,16 @@ cudaError_t bn_stats(DType dtype, const void* x, Geometry g, const float* weight
 }
 
 cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
-                              const float* scale, const float* shift, bool relu, Geometry g,
-                              void* out, uint8_t* mask, cudaStream_t stream) {
+                              const float* mean, const float* scale, const float* shift,
+                              bool relu, Geometry g, void* out, uint8_t* mask,
+                              cudaStream_t stream) {
   if (g.numel() == 0) return cudaSuccess;
   const bool vec = can_vectorize(g, {x, residual, out});
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = vec ? apply_kernel<T, true> : apply_kernel<T, false>;
     kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(residual), scale, shift, relu, g,
+        static_cast<const T*>(x), static_cast<const T*>(residual), mean, scale, shift, relu, g,
         make_channel_map(g), static_cast<T*>(out), mask);
     return cudaGetLastError();
   });

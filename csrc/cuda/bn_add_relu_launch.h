@@ -16,15 +16,17 @@ namespace cuda {
 size_t bn_stats_workspace_bytes(Geometry g);
 size_t grad_reduce_workspace_bytes(Geometry g);
 
-// Per channel: batch mean and biased variance, and scale/shift of y = x*scale + shift
-// (weight/bias nullptr: affine=False).
+// Per channel: batch mean and biased variance, and scale/shift of the centred form
+// y = (x - mean)*scale + shift (weight/bias nullptr: affine=False).
 cudaError_t bn_stats(DType dtype, const void* x, Geometry g, const float* weight,
                      const float* bias, float eps, StatsOutputs out, void* workspace,
                      cudaStream_t stream);
 
+// out = relu((x - mean)*scale + shift + residual) (mean nullptr: x*scale + shift).
 cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
-                              const float* scale, const float* shift, bool relu, Geometry g,
-                              void* out, uint8_t* mask, cudaStream_t stream);
+                              const float* mean, const float* scale, const float* shift,
+                              bool relu, Geometry g, void* out, uint8_t* mask,
+                              cudaStream_t stream);
 
 // Per channel: the coefficients of the input gradient and the parameter gradients
 // (common/bn_add_relu_math.h: bn_backward_coefficients).

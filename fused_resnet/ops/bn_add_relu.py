@@ -9,9 +9,16 @@ Op structure (all under torch.ops.fused_resnet, each with a fake implementation)
 built from four kernel-level pieces, each dispatched to a backend (fused_resnet.backend):
 
     bn_stats                   per channel: batch mean, biased variance (fp32), scale, shift
-    bn_add_relu_apply          out = relu(input*scale + shift + residual), packed ReLU mask
-    bn_add_relu_grad_reduce    per channel from sum(dz), sum(dz*(input - mean)): the
-                               coefficients k, b, c and grad_weight, grad_bias
+    bn_add_relu_apply          out = relu((input - mean)*scale + shift + residual) (mean
+                               optional: input*scale + shift), packed ReLU mask
+    bn_add_relu_grad_reduce    per channel from sum(dz), sum(dz*(input - mean)),
+                               sum(input - mean): the coefficients k, b, c and grad_weight,
+                               grad_bias
+
+BatchNorm is applied in the centred form (x - mean)*scale + bias, not folded into
+x*scale + (bias - mean*scale): on a channel whose |mean| is large against its spread the folded
+form's two terms cancel and lose the output's low bits; x - mean does not. Backward corrects
+for the fp32 mean's own rounding (reference.bn_backward_coefficients).
     bn_add_relu_grad_apply     grad_input = k*dz + b*(input - mean) + c, grad_residual = dz
 
 The per-channel finishing math runs inside the reductions' last step (one launch each way
@@ -56,7 +63,7 @@ def _fake_stats(input, weight, bias, eps):
     return _per_channel(input, 4)
 
 
-def _fake_apply(input, residual, scale, shift, relu, save_mask):
+def _fake_apply(input, residual, scale, shift, relu, save_mask, mean=None):
     return layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask)
 
 
@@ -81,8 +88,10 @@ def bn_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_apply", mutates_args=())
 def bn_add_relu_apply(input: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor,
-                      relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
-    return _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask)
+                      relu: bool, save_mask: bool,
+                      mean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask,
+                mean)
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_grad_reduce", mutates_args=())
@@ -121,8 +130,10 @@ def bn_stats_triton(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 @torch.library.triton_op("fused_resnet::bn_add_relu_apply_triton", mutates_args=())
 def bn_add_relu_apply_triton(input: Tensor, residual: Optional[Tensor], scale: Tensor,
-                             shift: Tensor, relu: bool, save_mask: bool) -> tuple[Tensor, Tensor]:
-    return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu, save_mask)
+                             shift: Tensor, relu: bool, save_mask: bool,
+                             mean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bn_add_relu_apply(input, residual, scale, shift, relu, save_mask,
+                                               mean)
 
 
 @torch.library.triton_op("fused_resnet::bn_add_relu_grad_reduce_triton", mutates_args=())
@@ -176,19 +187,15 @@ def _forward_pieces(input, residual, weight, bias, running_mean, running_var, tr
                     relu, save_mask, batch_mean=None, batch_var=None):
     # The pieces run through _run directly, not through their custom ops: one Python dispatch
     # layer less per piece (this op is already opaque to autograd and torch.compile).
-    if training and batch_mean is not None:
-        acc = layout.accumulate_dtype(input)
-        mean = batch_mean.to(acc, copy=True)
-        var = batch_var.to(acc, copy=True)
-        scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
-    elif training:
+    if training and batch_mean is None:
         mean, var, scale, shift = _run("bn_stats", input, input, weight, bias, eps)
     else:
         acc = layout.accumulate_dtype(input)
-        mean = running_mean.to(acc, copy=True)
-        var = running_var.to(acc, copy=True)
-        scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
-    out, mask = _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask)
+        mean = (batch_mean if training else running_mean).to(acc, copy=True)
+        var = (batch_var if training else running_var).to(acc, copy=True)
+        scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps)
+    out, mask = _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask,
+                     mean)
     return out, mask, mean, var
 
 
@@ -229,7 +236,7 @@ def _backward_pieces(grad_out, input, mask, mean, var, weight, training, eps, re
         k, b, c, grad_weight, grad_bias = _run("bn_add_relu_grad_reduce", input, grad_out, mask,
                                                input, mean, var, weight, eps, relu, training)
     else:  # eval with frozen parameters: no reduction at all
-        k, _ = reference.bn_scale_shift(mean, var, weight, None, eps)
+        k, _ = reference.bn_centred_scale_shift(var, weight, None, eps)
         b, c = torch.zeros_like(k), torch.zeros_like(k)
     grad_input, grad_residual = _run("bn_add_relu_grad_apply", input, grad_out, mask, input,
                                      mean, k, b, c, relu, residual_grad)

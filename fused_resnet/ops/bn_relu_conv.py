@@ -48,22 +48,24 @@ from fused_resnet.ops.bn_add_relu import _run
 ops = torch.ops.fused_resnet
 
 
-def _scale_shift(input, bn_weight, bn_bias, mean, var, eps):
+def _centred_bn(input, bn_weight, bn_bias, mean, var, eps):
+    """(mean, scale, shift) of the previous BN's centred form (x - mean)*scale + shift."""
     acc = layout.accumulate_dtype(input)
-    return reference.bn_scale_shift(mean.to(acc), var.to(acc), bn_weight, bn_bias, eps)
+    mean = mean.to(acc)
+    return (mean,) + reference.bn_centred_scale_shift(var.to(acc), bn_weight, bn_bias, eps)
 
 
 def _activation(input, bn_weight, bn_bias, mean, var, eps, save_mask):
     """relu(bn(input)) with the given statistics, and its packed ReLU mask if save_mask."""
-    scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
-    return _run("bn_add_relu_apply", input, input, None, scale, shift, True, save_mask)
+    mean, scale, shift = _centred_bn(input, bn_weight, bn_bias, mean, var, eps)
+    return _run("bn_add_relu_apply", input, input, None, scale, shift, True, save_mask, mean)
 
 
-def _forward_triton(input, scale, shift, weight, stride, padding):
+def _forward_triton(input, bn, weight, stride, padding):
     """The conv with the BN + ReLU as its prologue: `a` never exists."""
     conv = conv_ops._conv_kernels()
     z, (mean, var) = conv.conv2d_nhwc(input, conv.pack_weight(weight), stride[0], padding[0],
-                                      stats=True, prologue=(scale.float(), shift.float()),
+                                      stats=True, prologue=tuple(t.float() for t in bn),
                                       allow_tf32=conv_ops.allows_tf32())
     return conv_ops._output_like(z, input), mean, var
 
@@ -73,18 +75,18 @@ def dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride, pad
     """The candidates bn_relu_conv2d_bn_stats chooses from for these arguments (path name ->
     zero-argument callable) and the (input, weight, stride, padding, dilation, groups) the
     choice is made on (see ops.conv.dispatch_plan). Nothing runs until a candidate is called."""
-    scale, shift = _scale_shift(input, bn_weight, bn_bias, mean, var, eps)
+    bn = _centred_bn(input, bn_weight, bn_bias, mean, var, eps)
 
     def library():
-        activation, _ = _run("bn_add_relu_apply", input, input, None, scale, shift, True, False)
+        activation, _ = _run("bn_add_relu_apply", input, input, None, bn[1], bn[2], True, False,
+                             bn[0])
         # inside this op's implementation: the conv op's implementation, not the op again
         return conv_ops.conv2d_bn_stats_forward(activation, weight, stride, padding, dilation,
                                                 groups)
 
     candidates = {"library": library}
     if input.dtype != torch.float64:
-        candidates["triton"] = lambda: _forward_triton(input, scale, shift, weight, stride,
-                                                         padding)
+        candidates["triton"] = lambda: _forward_triton(input, bn, weight, stride, padding)
     # no "cutlass": bn_relu_conv2d_cutlass rounds scale and shift to fp16 (module docstring)
     return candidates, (input, weight, stride, padding, dilation, groups)
 

@@ -60,8 +60,8 @@ class _SyncBNAddReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, weight, bias, mean, var, count, total, eps, relu, group):
         if count:
-            scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
-            out, mask = ops.bn_add_relu_apply(input, residual, scale, shift, relu, True)
+            scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps)
+            out, mask = ops.bn_add_relu_apply(input, residual, scale, shift, relu, True, mean)
         else:  # nothing to normalise here; the other processes' batches were gathered all the same
             out, mask = torch.empty_like(input), input.new_empty(0, dtype=torch.uint8)
         ctx.save_for_backward(input, mask, mean, var, weight)

@@ -247,6 +247,7 @@ void run_geometry(Geometry g) {
   }
   const std::vector<double> zeros(g.channels, 0.0);
   std::vector<double> sdz64[2] = {zeros, zeros}, sdzx64[2] = {zeros, zeros};  // [relu]
+  std::vector<double> sxmu64 = zeros;  // sum(x - mean): the same with or without ReLU
   std::vector<double> mean64(g.channels);
   for (int64_t c = 0; c < g.channels; ++c) mean64[c] = sum[c] / count[c];
   std::vector<float> mean32(g.channels);
@@ -258,6 +259,7 @@ void run_geometry(Geometry g) {
       const double dz = !relu || mask_bit(mask.data(), i) ? grad[i] : 0.0;
       sdz64[relu][c] += dz;
       sdzx64[relu][c] += dz * (x[i] - mean32[c]);
+      if (relu) sxmu64[c] += x[i] - mean32[c];
     }
   }
 
@@ -295,13 +297,14 @@ void run_geometry(Geometry g) {
 
     for (const bool relu : {true, false}) {
       Coverage grad_seen(g);
-      std::vector<float> sdz(g.channels), sdzx(g.channels);
+      std::vector<float> sdz(g.channels), sdzx(g.channels), sxmu(g.channels);
       const SimGrad acc{gg.data, relu ? mask.data() : nullptr, xg.data, mean32.data(), relu,
                         &grad_seen};
-      simulate(g, reduce_plan(g, grad_path), acc, grad_sums_empty(), GradSums{NAN, NAN},
+      simulate(g, reduce_plan(g, grad_path), acc, grad_sums_empty(), GradSums{NAN, NAN, NAN},
                [&](int64_t c, const GradSums& s) {
                  sdz[c] = s.sum_dz;
                  sdzx[c] = s.sum_dz_xmu;
+                 sxmu[c] = s.sum_xmu;
                });
       check(grad_seen.whole_aligned_items && grad_seen.each_once() && grad_seen.right_channel,
             "gradient sums: every element once, whole aligned items, own channel", g, grad_path);
@@ -309,11 +312,12 @@ void run_geometry(Geometry g) {
       for (int64_t c = 0; c < g.channels; ++c) {
         const double scale = std::sqrt(count[c]) * 0.5 + 1.0;  // sums of count[c] terms of ~0.3
         grads_ok &= std::fabs(sdz[c] - sdz64[relu][c]) < 1e-6 * scale &&  // seen <= 1.4e-7*scale
-                    std::fabs(sdzx[c] - sdzx64[relu][c]) < 1e-6 * scale;
+                    std::fabs(sdzx[c] - sdzx64[relu][c]) < 1e-6 * scale &&
+                    std::fabs(sxmu[c] - sxmu64[c]) < 1e-6 * scale;
       }
       check(grads_ok,
-            relu ? "sum(dz) and sum(dz*(x-mean)) through the ReLU mask vs float64"
-                 : "sum(dz) and sum(dz*(x-mean)) without ReLU vs float64",
+            relu ? "sum(dz), sum(dz*(x-mean)), sum(x-mean) through the ReLU mask vs float64"
+                 : "sum(dz), sum(dz*(x-mean)), sum(x-mean) without ReLU vs float64",
             g, grad_path);
     }
   }

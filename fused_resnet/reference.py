@@ -118,8 +118,8 @@ def bn_add_relu_apply(input: torch.Tensor, residual: Optional[torch.Tensor], sca
         y = y + _acc(residual)
     x = layout.dense_like(input, input)
     out = layout.empty_like_kernel(x)
-    if relu and save_mask:
-        mask = pack_bits(layout.memory_order(y > 0, x))
+    if relu and save_mask:  # torch.relu's backward decision: the stored output > 0
+        mask = pack_bits(layout.memory_order(y.to(input.dtype) > 0, x))
     else:
         mask = layout.empty_mask(x, False)
     if relu:

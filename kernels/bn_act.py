@@ -198,8 +198,10 @@ def _apply_kernel(x_ptr, res_ptr, mean_ptr, scale_ptr, shift_ptr, out_ptr, mask_
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     if RELU:
-        positive = (y > 0.0) & valid
-        y = tl.where(positive | (y != y), y, 0.0)  # NaN stays NaN, as torch.relu
+        # the mask bit is torch.relu's backward decision, on the stored output: a tiny y > 0
+        # that rounds to 0 in a 16-bit dtype lets no gradient through
+        positive = (y.to(out_ptr.dtype.element_ty) > 0.0) & valid
+        y = tl.where((y > 0.0) | (y != y), y, 0.0)  # NaN stays NaN, as torch.relu
     if RELU and SAVE_MASK:
         bits = tl.reshape(positive.to(tl.int32), (BLOCK // 8, 8))
         weights = (1 << tl.arange(0, 8))[None, :]

@@ -1,9 +1,9 @@
 """The fused BatchNorm is as exact as PyTorch's CPU BatchNorm where fp32 arithmetic is hardest:
 channels whose mean is large against their spread (a raw conv output's |mean|/std reaches
 10-30; here up to ~4000), over batches large enough that the statistics are merged from many
-chunks. PyTorch's CPU BatchNorm accumulates its statistics in double; the fused kernels reduce
-chunks in fp32 around a shift, merge them in double (C++), apply BN as (x - mean)*scale + bias,
-and take the fp32 mean's rounding out of the backward's sums.
+chunks. PyTorch's CPU BatchNorm accumulates its statistics in double, and so do the fused C++
+CPU kernels; every backend applies BN as (x - mean)*scale + bias and takes the fp32 mean's
+rounding out of the backward's sums.
 
 Criterion: fused_resnet.verify's, with nothing added: every output and gradient within twice
 PyTorch's own error (both against float64) plus ROUNDING_UNITS roundings of the dtype at the

@@ -132,6 +132,14 @@ FR_HD BackwardCoefficients bn_backward_coefficients(A sum_dz, A sum_dz_xmu, A su
 // Packed ReLU mask: bit (i & 7) of byte (i >> 3) is 1 where the output at memory offset i is > 0.
 FR_HD bool mask_bit(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 
+// The ReLU mask bit is torch.relu's backward decision, made on the *stored* output (> 0): an
+// fp32 result y > 0 stored as fp16 / bf16 rounds to 0 when it is at most half the dtype's
+// smallest subnormal (2^-24 / 2^-133; the half-way case rounds to even, 0). So the bit is
+// y > relu_mask_floor(dtype), which is exactly "the stored output > 0".
+FR_HD float relu_mask_floor(DType dtype) {
+  return dtype == DType::Float16 ? 0x1p-25f : dtype == DType::BFloat16 ? 0x1p-134f : 0.f;
+}
+
 // relu(y) as torch.relu: NaN stays NaN (its mask bit is 0, as threshold_backward's y > 0).
 // Written as two selects, no short-circuit: branch-free on random signs.
 FR_HD float relu_keep_nan(float y) {
@@ -248,9 +256,10 @@ inline ChannelMap make_channel_map(Geometry g) {
 // Values are already converted to fp32 (residual: zeros when there is none); `count` < 8 only
 // for the tensor's last group.
 // mean: nullptr for the uncentred map x * scale + shift.
+// mask_floor: relu_mask_floor of the output's dtype.
 FR_HD uint8_t forward_group8(const float* x, const float* residual, int count, ChannelWalker& w,
                              const float* mean, const float* scale, const float* shift, bool relu,
-                             float* out) {
+                             float mask_floor, float* out) {
   uint8_t bits = 0;
   FR_UNROLL
   for (int k = 0; k < 8; ++k) {
@@ -258,7 +267,7 @@ FR_HD uint8_t forward_group8(const float* x, const float* residual, int count, C
     const int64_t c = w.c;
     const float y =
         bn_add_relu_forward(x[k], mean ? mean[c] : 0.f, scale[c], shift[c], residual[k], relu);
-    bits |= static_cast<uint8_t>(y > 0.f) << k;
+    bits |= static_cast<uint8_t>(y > mask_floor) << k;
     out[k] = y;
     w.next();
   }

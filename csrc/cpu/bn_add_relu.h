@@ -10,7 +10,7 @@ namespace cpu {
 
 // Per channel: batch mean and biased variance, and scale/shift of the centred form
 // y = (x - mean)*scale + shift (weight/bias nullptr: affine=False).
-// Chunks are reduced in fp32 and merged in double, as PyTorch's CPU BatchNorm accumulates.
+// Accumulated in double, as PyTorch's CPU BatchNorm accumulates.
 void bn_stats(DType dtype, const void* x, Geometry g, const float* weight, const float* bias,
               float eps, StatsOutputs out);
 
@@ -22,7 +22,7 @@ void bn_add_relu_apply(DType dtype, const void* x, const void* residual, const f
                        uint8_t* mask);
 
 // Per channel, from sum(dz), sum(dz * (x - mean)) and sum(x - mean) with dz = grad masked by
-// the ReLU (merged in double): the input-gradient coefficients and the parameter gradients
+// the ReLU (accumulated in double): the input-gradient coefficients and the parameter gradients
 // (bn_backward_coefficients).
 void bn_add_relu_grad_reduce(DType dtype, const void* grad, const uint8_t* mask, const void* x,
                              const float* mean, const float* var, const float* weight,

@@ -22,11 +22,10 @@ namespace {
 // whatever the number of threads.
 constexpr int64_t kChunk = 4096;            // elements per elementwise chunk (multiple of 8)
 constexpr int64_t kChunksPerTask = 4;       // grain of the elementwise parallel loop
-// NHWC reductions: rows per partial result ~ this / C. Statistics merge partials with Chan's
-// formula (a division each), so they take big chunks; gradient sums are plain fp32 sums whose
-// rounding grows with the rows summed in one chunk, so they take small ones.
-constexpr int64_t kNhwcStatsChunkElements = 32768;
-constexpr int64_t kNhwcSumsChunkElements = 4096;
+// NHWC reductions: rows per partial result ~ this / C (big: statistics merge partials with
+// Chan's formula, a division each; the sums are double, whose rounding does not need short
+// chunks).
+constexpr int64_t kNhwcChunkElements = 32768;
 constexpr int64_t kPlaneChunk = 4096;       // NCHW reductions: plane elements per partial
 
 template <typename F>
@@ -119,15 +118,15 @@ void for_each_chunk(int64_t numel, Body body) {
 template <typename T, bool HAS_RES, bool HAS_MEAN>
 void apply_run(const T* __restrict__ x, const T* __restrict__ res,
                const float* __restrict__ mean, const float* __restrict__ scale,
-               const float* __restrict__ shift, bool relu, int64_t len, bool same_channel,
-               T* __restrict__ out, uint8_t* __restrict__ flags) {
+               const float* __restrict__ shift, bool relu, float mask_floor, int64_t len,
+               bool same_channel, T* __restrict__ out, uint8_t* __restrict__ flags) {
   if (same_channel) {
     const float m = HAS_MEAN ? mean[0] : 0.f, sc = scale[0], sh = shift[0];
     for (int64_t k = 0; k < len; ++k) {
       const float r = HAS_RES ? static_cast<float>(res[k]) : 0.f;
       const float y = bn_add_relu_forward(static_cast<float>(x[k]), m, sc, sh, r, relu);
       out[k] = static_cast<T>(y);
-      flags[k] = y > 0.f;
+      flags[k] = y > mask_floor;
     }
   } else {
     for (int64_t k = 0; k < len; ++k) {
@@ -135,7 +134,7 @@ void apply_run(const T* __restrict__ x, const T* __restrict__ res,
       const float y = bn_add_relu_forward(static_cast<float>(x[k]), HAS_MEAN ? mean[k] : 0.f,
                                           scale[k], shift[k], r, relu);
       out[k] = static_cast<T>(y);
-      flags[k] = y > 0.f;
+      flags[k] = y > mask_floor;
     }
   }
 }
@@ -165,76 +164,71 @@ void grad_apply_run(const T* __restrict__ grad, const uint8_t* __restrict__ flag
 }
 
 // ---- reductions ---------------------------------------------------------------------------------
-// Chunks of a channel are reduced in fp32 (vectorised), their partial results merged in double,
-// as PyTorch's CPU BatchNorm accumulates: a channel's statistics then carry the rounding of one
-// chunk, not of every merge along a large batch.
+// Accumulated in double, as PyTorch's CPU BatchNorm accumulates: a channel whose mean is large
+// against its spread, or that holds many values, keeps its low bits. The loops stay vectorised
+// (fp32 loads converted to double lanes) and memory-bound.
 
-// Statistics merged in double (Chan et al.).
+// A channel's (or a chunk's) count, mean and sum of squared deviations; merged with Chan et al.
 struct StatsAcc {
   double mean = 0.0;
   double m2 = 0.0;
   int64_t count = 0;
 };
 
-void merge(StatsAcc& a, const WelfordState& b) {
+void merge(StatsAcc& a, const StatsAcc& b) {
   if (b.count == 0) return;
   const int64_t n = a.count + b.count;
   const double share = static_cast<double>(b.count) / static_cast<double>(n);
-  const double delta = static_cast<double>(b.mean) - a.mean;
+  const double delta = b.mean - a.mean;
   a.mean += delta * share;
-  a.m2 += static_cast<double>(b.m2) + delta * delta * static_cast<double>(a.count) * share;
+  a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * share;
   a.count = n;
 }
 
-// Gradient sums added in double.
+// sum(dz), sum(dz * (x - mean)) and sum(x - mean) of a channel.
 struct SumsAcc {
   double sum_dz = 0.0;
   double sum_dz_xmu = 0.0;
   double sum_xmu = 0.0;
 };
 
-void merge(SumsAcc& a, const GradSums& b) {
+void merge(SumsAcc& a, const SumsAcc& b) {
   a.sum_dz += b.sum_dz;
   a.sum_dz_xmu += b.sum_dz_xmu;
   a.sum_xmu += b.sum_xmu;
 }
 
-// Partial state of a channel over n contiguous elements: the chunk's mean from sums of the
-// deviations from its first element (so a channel whose mean is large against its spread adds
-// small numbers, not large ones), then the sum of squared deviations from that mean (two passes
-// over cache-resident data, per-lane partial sums).
+// A channel's statistics over n contiguous elements: the mean, then the sum of squared
+// deviations from it (two passes over cache-resident data, per-lane partial sums).
 template <typename T>
-WelfordState chunk_stats(const T* __restrict__ x, int64_t n) {
-  const float shift = static_cast<float>(x[0]);
-  float sum = 0.f;
+StatsAcc chunk_stats(const T* __restrict__ x, int64_t n) {
+  double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += static_cast<float>(x[k]) - shift;
-  const float mean = shift + sum / static_cast<float>(n);
-  float m2 = 0.f;
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(static_cast<float>(x[k]));
+  const double mean = sum / static_cast<double>(n);
+  double m2 = 0.0;
 #pragma omp simd reduction(+ : m2)
   for (int64_t k = 0; k < n; ++k) {
-    const float d = static_cast<float>(x[k]) - mean;
+    const double d = static_cast<double>(static_cast<float>(x[k])) - mean;
     m2 += d * d;
   }
-  return WelfordState{mean, m2, n};
+  return StatsAcc{mean, m2, n};
 }
 
-// sum(dz), sum(dz*(x - mean)) and sum(x - mean) of one channel over n elements. `omp simd
-// reduction` keeps one partial sum per vector lane and adds the lanes at the end (a two-level
-// sum).
+// The gradient sums of one channel over n elements (per-lane partial sums).
 template <typename T>
-GradSums lane_grad_sums(const T* __restrict__ grad, const uint8_t* __restrict__ flags,
-                        const T* __restrict__ x, float mean, bool relu, int64_t n) {
-  float sum_dz = 0.f, sum_dz_xmu = 0.f, sum_xmu = 0.f;
+SumsAcc lane_grad_sums(const T* __restrict__ grad, const uint8_t* __restrict__ flags,
+                       const T* __restrict__ x, float mean, bool relu, int64_t n) {
+  double sum_dz = 0.0, sum_dz_xmu = 0.0, sum_xmu = 0.0;
 #pragma omp simd reduction(+ : sum_dz, sum_dz_xmu, sum_xmu)
   for (int64_t k = 0; k < n; ++k) {
-    const float dz = relu_backward(static_cast<float>(grad[k]), flags[k], relu);
-    const float xmu = static_cast<float>(x[k]) - mean;
+    const double dz = relu_backward(static_cast<float>(grad[k]), flags[k], relu);
+    const double xmu = static_cast<double>(static_cast<float>(x[k])) - mean;
     sum_dz += dz;
     sum_dz_xmu += dz * xmu;
     sum_xmu += xmu;
   }
-  return GradSums{sum_dz, sum_dz_xmu, sum_xmu};
+  return SumsAcc{sum_dz, sum_dz_xmu, sum_xmu};
 }
 
 template <typename T>
@@ -252,15 +246,13 @@ std::vector<StatsAcc> stats_nchw(const T* x, Geometry g) {
 }
 
 // NHWC: partial results over chunks of rows (pixels), all channels of a row at once
-// (independent per-channel accumulators: vectorised across channels), merged in chunk order
-// into Acc (double) states.
-template <typename Acc, typename State, typename ChunkFn>
-std::vector<Acc> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
-                             ChunkFn chunk_fn) {
+// (independent per-channel accumulators: vectorised across channels), merged in chunk order.
+template <typename Acc, typename ChunkFn>
+std::vector<Acc> reduce_nhwc(Geometry g, ChunkFn chunk_fn) {
   const int64_t C = g.channels;
-  const int64_t rows = std::max<int64_t>(1, chunk_elements / C);
+  const int64_t rows = std::max<int64_t>(1, kNhwcChunkElements / C);
   const int64_t chunks = (g.outer + rows - 1) / rows;
-  std::vector<State> partial(chunks * C, empty);
+  std::vector<Acc> partial(chunks * C);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch)
       chunk_fn(ch * rows, std::min(g.outer, (ch + 1) * rows), partial.data() + ch * C);
@@ -276,21 +268,18 @@ std::vector<Acc> reduce_nhwc(Geometry g, int64_t chunk_elements, State empty,
 template <typename T>
 std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc<StatsAcc>(g, kNhwcStatsChunkElements, welford_empty(),
-                               [&](int64_t r0, int64_t r1, WelfordState* out) {
-    // sums of deviations from the chunk's first row (see chunk_stats)
-    std::vector<float> shift(C), sum(C, 0.f), m2(C, 0.f);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
+  return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
+    std::vector<double> mean(C, 0.0), m2(C, 0.0);
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]) - shift[c];
-    const float n = static_cast<float>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) sum[c] = shift[c] + sum[c] / n;  // now the chunk's mean
+      for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<float>(x[r * C + c]);
+    const double n = static_cast<double>(r1 - r0);
+    for (int64_t c = 0; c < C; ++c) mean[c] /= n;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = 0; c < C; ++c) {
-        const float d = static_cast<float>(x[r * C + c]) - sum[c];
+        const double d = static_cast<double>(static_cast<float>(x[r * C + c])) - mean[c];
         m2[c] += d * d;
       }
-    for (int64_t c = 0; c < C; ++c) out[c] = WelfordState{sum[c], m2[c], r1 - r0};
+    for (int64_t c = 0; c < C; ++c) out[c] = StatsAcc{mean[c], m2[c], r1 - r0};
   });
 }
 
@@ -319,9 +308,8 @@ template <typename T>
 std::vector<SumsAcc> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T* x,
                                     const float* mean, bool relu, Geometry g) {
   const int64_t C = g.channels;
-  return reduce_nhwc<SumsAcc>(g, kNhwcSumsChunkElements, grad_sums_empty(),
-                              [&](int64_t r0, int64_t r1, GradSums* out) {
-    std::vector<float> sdz(C, 0.f), sdzx(C, 0.f), sxmu(C, 0.f);
+  return reduce_nhwc<SumsAcc>(g, [&](int64_t r0, int64_t r1, SumsAcc* out) {
+    std::vector<double> sdz(C, 0.0), sdzx(C, 0.0), sxmu(C, 0.0);
     const int64_t first = r0 * C, aligned = first / 8 * 8, lead = first - aligned;
     // Without a ReLU every flag passes (relu_backward ignores them): zeros are fine.
     std::vector<uint8_t> flags(lead + (r1 - r0) * C, 0);
@@ -329,14 +317,14 @@ std::vector<SumsAcc> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T*
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* f = flags.data() + lead + (r - r0) * C;
       for (int64_t c = 0; c < C; ++c) {
-        const float dz = relu_backward(static_cast<float>(grad[r * C + c]), f[c], relu);
-        const float xmu = static_cast<float>(x[r * C + c]) - mean[c];
+        const double dz = relu_backward(static_cast<float>(grad[r * C + c]), f[c], relu);
+        const double xmu = static_cast<double>(static_cast<float>(x[r * C + c])) - mean[c];
         sdz[c] += dz;
         sdzx[c] += dz * xmu;
         sxmu[c] += xmu;
       }
     }
-    for (int64_t c = 0; c < C; ++c) out[c] = GradSums{sdz[c], sdzx[c], sxmu[c]};
+    for (int64_t c = 0; c < C; ++c) out[c] = SumsAcc{sdz[c], sdzx[c], sxmu[c]};
   });
 }
 
@@ -368,21 +356,23 @@ void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const floa
     const T* x = static_cast<const T*>(x_);
     const T* res = static_cast<const T*>(res_);
     T* out = static_cast<T*>(out_);
+    const float floor = relu_mask_floor(dtype);
     for_each_chunk(g.numel(), [&](int64_t begin, int64_t end) {
       uint8_t flags[kChunk];
       for_each_run(g, begin, end, [&](int64_t i, int64_t len, int64_t c, bool same) {
         uint8_t* f = flags + (i - begin);
         const float* m = mean ? mean + c : nullptr;
         const T* r = res ? res + i : nullptr;
+        const float* sc = scale + c;
+        const float* sh = shift + c;
         if (res && mean)
-          apply_run<T, true, true>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
+          apply_run<T, true, true>(x + i, r, m, sc, sh, relu, floor, len, same, out + i, f);
         else if (res)
-          apply_run<T, true, false>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
+          apply_run<T, true, false>(x + i, r, m, sc, sh, relu, floor, len, same, out + i, f);
         else if (mean)
-          apply_run<T, false, true>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i, f);
+          apply_run<T, false, true>(x + i, r, m, sc, sh, relu, floor, len, same, out + i, f);
         else
-          apply_run<T, false, false>(x + i, r, m, scale + c, shift + c, relu, len, same, out + i,
-                                     f);
+          apply_run<T, false, false>(x + i, r, m, sc, sh, relu, floor, len, same, out + i, f);
       });
       if (mask) pack_mask(flags, begin, end - begin, mask);
     });

@@ -115,8 +115,8 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ res,
                  const float* __restrict__ mean, const float* __restrict__ scale,
-                 const float* __restrict__ shift, bool relu, Geometry g, ChannelMap map,
-                 T* __restrict__ out, uint8_t* __restrict__ mask) {
+                 const float* __restrict__ shift, bool relu, float mask_floor, Geometry g,
+                 ChannelMap map, T* __restrict__ out, uint8_t* __restrict__ mask) {
   const int64_t numel = g.numel();
   for_each_group(g, map, [&](int64_t grp, int64_t i0, ChannelWalker& w) {
     float xv[8], rv[8], yv[8];
@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 8; ++k) rv[k] = 0.f;
     }
-    const uint8_t bits = forward_group8(xv, rv, count, w, mean, scale, shift, relu, yv);
+    const uint8_t bits =
+        forward_group8(xv, rv, count, w, mean, scale, shift, relu, mask_floor, yv);
     store8<T, VEC>(out, i0, count, yv);
     if (mask) mask[grp] = bits;
   });
@@ -401,7 +402,8 @@ cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
     using T = decltype(tag);
     auto kernel = vec ? apply_kernel<T, true> : apply_kernel<T, false>;
     kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(residual), mean, scale, shift, relu, g,
+        static_cast<const T*>(x), static_cast<const T*>(residual), mean, scale, shift, relu,
+        relu_mask_floor(dtype), g,
         make_channel_map(g), static_cast<T*>(out), mask);
     return cudaGetLastError();
   });

@@ -5,6 +5,7 @@ fused_resnet.modules (blocks.py, stem.py, conv_bn_act.py) and the ops they call 
 ops/bn_relu_conv.py, ops/bn_add_relu.py)."""
 
 import dataclasses
+import math
 from typing import Iterable, NamedTuple, Optional
 
 from fused_resnet.bench.roofline.costs import (
@@ -204,9 +205,11 @@ def summary(rows: list, peaks: Peaks) -> dict:
     sum spent in memory-bound ops."""
     cost = total_cost(rows)
     floors_s = [peaks.floor_seconds(*row.cost) for row in rows]
-    memory_bound = sum(f for f, row in zip(floors_s, rows)
-                       if peaks.bound(*row.cost) == "memory")
-    total = sum(floors_s)
+    # math.fsum: correctly rounded, so the committed tables do not depend on the Python
+    # version (3.12's sum() of floats compensates, 3.11's does not)
+    memory_bound = math.fsum(f for f, row in zip(floors_s, rows)
+                             if peaks.bound(*row.cost) == "memory")
+    total = math.fsum(floors_s)
     return {"flops": cost.flops, "bytes": cost.bytes,
             "compute_seconds": peaks.compute_seconds(cost.flops),
             "memory_seconds": peaks.memory_seconds(cost.bytes),

@@ -77,13 +77,20 @@ def dry_run(tmp_path_factory):
     return result, summary, out
 
 
-def test_dry_run_every_phase(dry_run):
-    result, summary, _ = dry_run
+def _dry_phases(result, summary, phases):
+    """The summary's phase lines, once the run exited 0 with `phases` each in its dry-run
+    status."""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = _phase_lines(summary)
-    assert list(lines) == PHASES, summary
+    assert list(lines) == phases, summary
     for phase, (status, detail) in lines.items():
         assert status == DRY_STATUS[phase], f"{phase}: {status} - {detail}"
+    return lines
+
+
+def test_dry_run_every_phase(dry_run):
+    result, summary, _ = dry_run
+    lines = _dry_phases(result, summary, PHASES)
     assert "torch.cuda.is_available(): False" in lines["env"][1]
     assert "GPU check skipped (no GPU)" in lines["build"][1]
     assert re.search(r"\d+ checks: \d+ pass, 0 fail", lines["check"][1]), lines["check"][1]
@@ -155,11 +162,7 @@ def test_dry_run_later_phases(tmp_path):
     tests, the sanitizer's case list on the CPU, the op benchmarks and their report."""
     out = tmp_path / "gpu-out"
     result, summary = _session(SCRIPT, out, "test", "sanitize", "ops")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    lines = _phase_lines(summary)
-    assert list(lines) == LATER_PHASES, summary
-    for phase, (status, detail) in lines.items():
-        assert status == DRY_STATUS[phase], f"{phase}: {status} - {detail}"
+    lines = _dry_phases(result, summary, LATER_PHASES)
     assert "0 mismatches" in lines["sanitize"][1]
     for suite in ("bn_add_relu", "conv", "blocks"):
         assert re.search(rf"{suite} ok \(\d+ rows\)", lines["ops"][1]), lines["ops"][1]

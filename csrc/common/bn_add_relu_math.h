@@ -256,7 +256,9 @@ inline ChannelMap make_channel_map(Geometry g) {
 // Values are already converted to fp32 (residual: zeros when there is none); `count` < 8 only
 // for the tensor's last group.
 // mean: nullptr for the uncentred map x * scale + shift.
+// HAS_MEAN: the centred form, with mean; otherwise x * scale + shift (mean unused).
 // mask_floor: relu_mask_floor of the output's dtype.
+template <bool HAS_MEAN>
 FR_HD uint8_t forward_group8(const float* x, const float* residual, int count, ChannelWalker& w,
                              const float* mean, const float* scale, const float* shift, bool relu,
                              float mask_floor, float* out) {
@@ -266,7 +268,7 @@ FR_HD uint8_t forward_group8(const float* x, const float* residual, int count, C
     if (k >= count) break;
     const int64_t c = w.c;
     const float y =
-        bn_add_relu_forward(x[k], mean ? mean[c] : 0.f, scale[c], shift[c], residual[k], relu);
+        bn_add_relu_forward(x[k], HAS_MEAN ? mean[c] : 0.f, scale[c], shift[c], residual[k], relu);
     bits |= static_cast<uint8_t>(y > mask_floor) << k;
     out[k] = y;
     w.next();

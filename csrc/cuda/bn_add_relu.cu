@@ -111,7 +111,7 @@ __device__ __forceinline__ void for_each_group(Geometry g, const ChannelMap& map
   }
 }
 
-template <typename T, bool VEC>
+template <typename T, bool VEC, bool HAS_MEAN>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ res,
                  const float* __restrict__ mean, const float* __restrict__ scale,
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 8; ++k) rv[k] = 0.f;
     }
     const uint8_t bits =
-        forward_group8(xv, rv, count, w, mean, scale, shift, relu, mask_floor, yv);
+        forward_group8<HAS_MEAN>(xv, rv, count, w, mean, scale, shift, relu, mask_floor, yv);
     store8<T, VEC>(out, i0, count, yv);
     if (mask) mask[grp] = bits;
   });
@@ -400,7 +400,8 @@ cudaError_t bn_add_relu_apply(DType dtype, const void* x, const void* residual,
   const bool vec = can_vectorize(g, {x, residual, out});
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = vec ? apply_kernel<T, true> : apply_kernel<T, false>;
+    auto kernel = vec ? (mean ? apply_kernel<T, true, true> : apply_kernel<T, true, false>)
+                      : (mean ? apply_kernel<T, false, true> : apply_kernel<T, false, false>);
     kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(residual), mean, scale, shift, relu,
         relu_mask_floor(dtype), g,

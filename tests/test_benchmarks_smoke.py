@@ -1,10 +1,13 @@
-"""The benchmark suites still run (each case once, correctness checks included, no timing), and
-the report script turns a recorded pytest-benchmark JSON into a table."""
+"""The benchmark suites still run (each case once, correctness checks included, no timing), the
+report script turns a recorded pytest-benchmark JSON into a table, and compare_runs judges two
+bench runs' agreement."""
 
 import json
 import os
 import subprocess
 import sys
+
+from fused_resnet.bench.timing import MAX_RELATIVE_SPREAD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +40,30 @@ def test_report_renders_committed_results(tmp_path):
         text = out.read_text()
         assert "| shape | mode |" in text and "eager" in text and "x**" in text
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bench_results(path, speedups_iqr):
+    """A results.json of one mode: eager_cl at 1 s (IQR 2%), then each provider at the given
+    (speed-up, IQR / median)."""
+    rows = [{"mode": "training", "provider": "eager_cl", "median_s": 1.0, "iqr_s": 0.02,
+             "stable": True}]
+    rows += [{"mode": "training", "provider": name, "median_s": 1.0 / speedup,
+              "iqr_s": spread / speedup, "stable": spread <= MAX_RELATIVE_SPREAD}
+             for name, (speedup, spread) in speedups_iqr.items()]
+    path.write_text(json.dumps({"rows": rows}))
+    return str(path)
+
+
+def test_compare_runs_judges_agreement_within_the_spreads(tmp_path):
+    quiet = _bench_results(tmp_path / "quiet.json", {"fused": (1.20, 0.02), "compile": (1.0, 0.02)})
+    second = _bench_results(tmp_path / "second.json",
+                            {"fused": (1.10, 0.02), "compile": (1.05, 0.30)})
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_runs.py"),
+                             quiet, second], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    verdicts = {line.split("|")[2].strip(): line.split("|")[-2].strip()
+                for line in result.stdout.splitlines()[2:]}
+    # 1.20x vs 1.10x differ by 8%, beyond 2% + 2% (each run's rows) + 2% + 2%
+    assert verdicts["fused"] == "differs"
+    # the second compile row's IQR is 30% of its median: unstable, not judged
+    assert verdicts["compile"].startswith("not judged (unstable)")

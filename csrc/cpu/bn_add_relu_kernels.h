@@ -165,8 +165,9 @@ void grad_apply_run(const T* __restrict__ grad, const uint8_t* __restrict__ flag
 
 // ---- reductions ---------------------------------------------------------------------------------
 // Accumulated in double, as PyTorch's CPU BatchNorm accumulates: a channel whose mean is large
-// against its spread, or that holds many values, keeps its low bits. The loops stay vectorised
-// (fp32 loads converted to double lanes) and memory-bound.
+// against its spread, or that holds many values, keeps its low bits. NHWC (the layout of
+// channels_last models) sums short blocks of rows in fp32 at full vector width and adds each
+// block to double totals; NCHW sums each plane chunk in double lanes.
 
 // A channel's (or a chunk's) count, mean and sum of squared deviations; merged with Chan et al.
 struct StatsAcc {
@@ -265,21 +266,85 @@ std::vector<Acc> reduce_nhwc(Geometry g, ChunkFn chunk_fn) {
   return result;
 }
 
+// NHWC rows are summed in fp32 over blocks of kBlockRows rows (vectorised across channels: the
+// full vector width), and each block's sums are added to the double totals: a block adds few
+// enough terms that its fp32 rounding stays far below the double totals' need.
+constexpr int64_t kBlockRows = 16;
+
+// total[c] += part[c], part[c] = 0 (a block's fp32 sums into the double totals).
+void flush_block(double* __restrict__ total, float* __restrict__ part, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    total[c] += part[c];
+    part[c] = 0.f;
+  }
+}
+
+// sum[c] += x[r*C + c] - shift[c] over `rows` rows: deviations from a value of the channel
+// (exact near it), so a channel whose mean is large against its spread sums small numbers.
+template <typename T>
+void sum_rows(const T* __restrict__ x, int64_t rows, int64_t C, const float* __restrict__ shift,
+              float* __restrict__ sum) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]) - shift[c];
+}
+
+// m2[c] += (x[r*C + c] - mean[c])^2 over `rows` rows.
+template <typename T>
+void squared_deviations_rows(const T* __restrict__ x, int64_t rows, int64_t C,
+                             const float* __restrict__ mean, float* __restrict__ m2) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = static_cast<float>(x[r * C + c]) - mean[c];
+      m2[c] += d * d;
+    }
+}
+
+// The gradient sums of `rows` rows: dz through the ReLU flags (one byte per element).
+template <typename T>
+void grad_sums_rows(const T* __restrict__ grad, const uint8_t* __restrict__ flags,
+                    const T* __restrict__ x, const float* __restrict__ mean, bool relu,
+                    int64_t rows, int64_t C, float* __restrict__ sdz, float* __restrict__ sdzx,
+                    float* __restrict__ sxmu) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float dz = relu_backward(static_cast<float>(grad[r * C + c]), flags[r * C + c], relu);
+      const float xmu = static_cast<float>(x[r * C + c]) - mean[c];
+      sdz[c] += dz;
+      sdzx[c] += dz * xmu;
+      sxmu[c] += xmu;
+    }
+}
+
+// Calls block(first row, rows) over [r0, r1) in blocks of kBlockRows rows.
+template <typename Block>
+void for_each_block(int64_t r0, int64_t r1, Block block) {
+  for (int64_t r = r0; r < r1; r += kBlockRows) block(r, std::min(kBlockRows, r1 - r));
+}
+
 template <typename T>
 std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
   const int64_t C = g.channels;
   return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
-    std::vector<double> mean(C, 0.0), m2(C, 0.0);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<float>(x[r * C + c]);
+    std::vector<double> sum(C, 0.0), m2(C, 0.0);
+    std::vector<float> part(C, 0.f), mean(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
+    for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+      sum_rows(x + r * C, rows, C, shift.data(), part.data());
+      flush_block(sum.data(), part.data(), C);
+    });
     const double n = static_cast<double>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) mean[c] /= n;
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = static_cast<double>(static_cast<float>(x[r * C + c])) - mean[c];
-        m2[c] += d * d;
-      }
-    for (int64_t c = 0; c < C; ++c) out[c] = StatsAcc{mean[c], m2[c], r1 - r0};
+    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
+    // deviations from the fp32-rounded mean (exact where x is near it), then the rounding's
+    // own share taken out: sum (x - m)^2 = sum (x - rounded)^2 - n*(m - rounded)^2
+    for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
+    for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+      squared_deviations_rows(x + r * C, rows, C, mean.data(), part.data());
+      flush_block(m2.data(), part.data(), C);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      const double m = sum[c] / n, off = m - static_cast<double>(mean[c]);
+      out[c] = StatsAcc{m, m2[c] - n * off * off, r1 - r0};
+    }
   });
 }
 
@@ -310,20 +375,18 @@ std::vector<SumsAcc> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T*
   const int64_t C = g.channels;
   return reduce_nhwc<SumsAcc>(g, [&](int64_t r0, int64_t r1, SumsAcc* out) {
     std::vector<double> sdz(C, 0.0), sdzx(C, 0.0), sxmu(C, 0.0);
+    std::vector<float> part(3 * C, 0.f);
     const int64_t first = r0 * C, aligned = first / 8 * 8, lead = first - aligned;
     // Without a ReLU every flag passes (relu_backward ignores them): zeros are fine.
     std::vector<uint8_t> flags(lead + (r1 - r0) * C, 0);
     if (relu) unpack_mask(mask, aligned, lead + (r1 - r0) * C, flags.data());
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* f = flags.data() + lead + (r - r0) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const double dz = relu_backward(static_cast<float>(grad[r * C + c]), f[c], relu);
-        const double xmu = static_cast<double>(static_cast<float>(x[r * C + c])) - mean[c];
-        sdz[c] += dz;
-        sdzx[c] += dz * xmu;
-        sxmu[c] += xmu;
-      }
-    }
+    for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+      grad_sums_rows(grad + r * C, flags.data() + lead + (r - r0) * C, x + r * C, mean, relu,
+                     rows, C, part.data(), part.data() + C, part.data() + 2 * C);
+      flush_block(sdz.data(), part.data(), C);
+      flush_block(sdzx.data(), part.data() + C, C);
+      flush_block(sxmu.data(), part.data() + 2 * C, C);
+    });
     for (int64_t c = 0; c < C; ++c) out[c] = SumsAcc{sdz[c], sdzx[c], sxmu[c]};
   });
 }

@@ -31,8 +31,9 @@ FR_HD void welford_add(WelfordState& s, float x) {
 // Chan et al.'s update of one channel's (mean, m2) by a part b holding a share
 // b_share = n_b / (n_a + n_b) of the elements; a_count = n_a. The division that gives b_share
 // is the caller's: channels that always hold equal counts share it (welford_channels_combine).
-FR_HD void chan_update(float& mean, float& m2, float b_mean, float b_m2, float b_share,
-                       float a_count) {
+// F: float on the GPU, double where the CPU kernels merge their partial results.
+template <typename F>
+FR_HD void chan_update(F& mean, F& m2, F b_mean, F b_m2, F b_share, F a_count) {
   const float delta = b_mean - mean;
   mean += delta * b_share;
   m2 += b_m2 + delta * delta * a_count * b_share;

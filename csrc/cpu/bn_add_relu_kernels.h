@@ -179,10 +179,8 @@ struct StatsAcc {
 void merge(StatsAcc& a, const StatsAcc& b) {
   if (b.count == 0) return;
   const int64_t n = a.count + b.count;
-  const double share = static_cast<double>(b.count) / static_cast<double>(n);
-  const double delta = b.mean - a.mean;
-  a.mean += delta * share;
-  a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * share;
+  chan_update(a.mean, a.m2, b.mean, b.m2, static_cast<double>(b.count) / static_cast<double>(n),
+              static_cast<double>(a.count));
   a.count = n;
 }
 

@@ -35,10 +35,17 @@ def normalize(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=16)
+def _normalized_setting(raw: str) -> str:
+    """normalize of the environment variable's raw value, remembered: every op call reads the
+    variable (it may change at run time) but parses a given value once."""
+    return normalize(raw)
+
+
 def requested() -> str:
     if _override is not None:
         return _override
-    return normalize(os.environ.get("FUSED_RESNET_BACKEND", "auto"))
+    return _normalized_setting(os.environ.get("FUSED_RESNET_BACKEND", "auto"))
 
 
 @contextlib.contextmanager
@@ -94,15 +101,28 @@ def why_not(name: str, device_type: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _auto(device_type: str, interpreted: bool) -> str:
-    """auto's answer (choose) for a device type: what is importable and built does not change
-    within a process; TRITON_INTERPRET can, so it is part of the key."""
-    if why_not("cpp", device_type) is None:
-        return "cpp"
+def _cpp_runs(device_type: str) -> bool:
+    """Whether the C++ kernels run on this device type: what is built does not change within a
+    process."""
+    return why_not("cpp", device_type) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_without_cpp(device_type: str, interpreted: bool) -> str:
+    """auto's answer where the C++ kernels don't run: what is importable does not change within
+    a process; TRITON_INTERPRET can, so it is part of the key."""
     # The Triton interpreter is a correctness tool, far slower than the reference: never auto.
     if device_type == "cuda" and why_not("triton", device_type) is None:
         return "triton"
     return "torch"
+
+
+def _auto(device_type: str) -> str:
+    """auto's answer (choose) for a device type: cpp wherever it runs (TRITON_INTERPRET is
+    read only where it could matter, once per op call: these calls are on every op's path)."""
+    if _cpp_runs(device_type):
+        return "cpp"
+    return _auto_without_cpp(device_type, triton_interpreted())
 
 
 @torch.compiler.assume_constant_result  # traced code takes the answer, not os.environ reads
@@ -120,4 +140,4 @@ def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
             raise RuntimeError(f"fused_resnet: backend {name!r} was requested but cannot run on "
                                f"{device.type}: {reason}")
         return name
-    return _auto(device.type, triton_interpreted())
+    return _auto(device.type)

@@ -50,15 +50,25 @@ def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch
 
 
 def bn_centred_scale_shift(var: torch.Tensor, weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], eps: float
+                           bias: Optional[torch.Tensor], eps: float, copy_bias: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm as y = (x - mean)*scale + shift per channel: scale = weight/sqrt(var + eps),
     shift = bias (zeros for affine=False), in the statistics' dtype. x - mean is exact where x
     is close to the mean, so nothing cancels when |mean| >> std. common/bn_add_relu_math.h has
-    the kernels' twin."""
-    invstd = 1.0 / torch.sqrt(var + eps)
+    the kernels' twin (the same roundings: a square root, then 1/that, then times weight).
+    copy_bias=False: shift may be `bias` itself (a caller that only reads it); True where the
+    caller hands it on as a result of its own."""
+    invstd = torch.add(var, eps)
+    if var.requires_grad or torch.is_grad_enabled() and weight is not None \
+            and weight.requires_grad:
+        invstd = 1.0 / torch.sqrt(invstd)  # autograd: no in-place steps on saved results
+    else:  # a tensor of our own: in place, two tensor ops fewer (this runs for every BN)
+        invstd = invstd.sqrt_().reciprocal_()
     scale = invstd * weight.to(var.dtype) if weight is not None else invstd
-    shift = bias.to(var.dtype, copy=True) if bias is not None else torch.zeros_like(var)
+    if bias is None:
+        shift = torch.zeros_like(var)
+    else:
+        shift = bias.to(var.dtype, copy=copy_bias)
     return scale, shift
 
 

@@ -133,3 +133,60 @@ def test_matches_pytorch_cuda(backend_name, dtype, shape, channels_last, trainin
 def test_variants_cuda(backend_name, variant, channels_last):
     check_against_pytorch(backend_name, (3, 6, 5, 4), torch.float32, channels_last, True,
                           device="cuda", steps=3, **VARIANTS[variant])
+
+
+@pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None, reason="fused_resnet._C is not built")
+@LAYOUTS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_steps_are_the_python_path(monkeypatch, channels_last, dtype):
+    """On the CPU, plain eager training runs each fused op's step as one C++ call
+    (csrc/cpu/training_steps.cpp: bn_add_relu_step[_backward], bn_relu_conv2d_bn_stats_step
+    [_backward]); the same kernels on the same operands in the same order, so a fused
+    Bottleneck's output, every gradient and every running statistic are bitwise those of the
+    Python path (forced here by turning the steps off), for a training step and for an eval
+    BN + add + ReLU under autograd; and the steps really ran (the profiler sees their ops)."""
+    import copy
+
+    import torchvision
+
+    import fused_resnet as fr
+    from fused_resnet.ops import eager
+
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.Bottleneck(
+        32, 16, stride=2, downsample=torch.nn.Sequential(torch.nn.Conv2d(32, 64, 1, 2,
+                                                                         bias=False),
+                                                         torch.nn.BatchNorm2d(64)))
+    x = torch.randn(4, 32, 10, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+
+    def run(model):
+        xs = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(xs)
+            eval_out = fr.functional.batch_norm_add_relu(xs, xs, bn.running_mean, bn.running_var,
+                                                         bn.weight, bn.bias)
+        grads = torch.autograd.grad((out.float().square().sum(), eval_out.float().sum()),
+                                    [xs, *model.parameters(), bn.weight, bn.bias])
+        return [out, eval_out, *grads, *model.buffers()]
+
+    model = fr.fuse_(torch.nn.Sequential(copy.deepcopy(block))).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    with torch.profiler.profile() as prof:
+        stepped = run(model)
+    names = {e.key for e in prof.key_averages()}
+    assert {"fused_resnet::bn_add_relu_step", "fused_resnet::bn_add_relu_step_backward",
+            "fused_resnet::bn_relu_conv2d_bn_stats_step",
+            "fused_resnet::bn_relu_conv2d_bn_stats_step_backward"} <= names, sorted(names)
+    monkeypatch.setattr(eager, "cpu_step", lambda *args: False)
+    python = run(twin)
+    assert len(stepped) == len(python)
+    for got, want in zip(stepped, python):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)

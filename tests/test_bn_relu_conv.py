@@ -78,6 +78,50 @@ def test_matches_batch_norm_relu_conv(backend_name, cfg):
         assert err < 1e-4, f"grad {name}: normwise error {err:.2e}"
 
 
+@pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None, reason="fused_resnet._C is not built")
+@pytest.mark.parametrize("cfg", CONVS, ids=_ids)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("wanted", ["all", "input", "params"])
+def test_cpu_step_is_the_python_path(monkeypatch, cfg, channels_last, affine, wanted):
+    """On the CPU the op's library path and its backward run as one C++ call each
+    (bn_relu_conv2d_bn_stats_step[_backward]): the same kernels and conv on the same operands,
+    so every output and gradient is bitwise the Python path's (forced here by turning the step
+    off); and the step really ran (the profiler sees its op)."""
+    from fused_resnet.ops import bn_relu_conv
+
+    z, bn_w, bn_b, w, conv_args = _problem(cfg)
+    if not channels_last:
+        z = z.contiguous()
+    if not affine:
+        bn_w = bn_b = None
+    mean, var = _stats(z)
+    needs = {"all": (True, True, True), "input": (True, False, False),
+             "params": (False, True, True)}[wanted]
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(need) if t is not None else None
+                  for t, need in zip((z, bn_w, bn_b, w), needs + (True,))]
+        out = bn_relu_conv.run(leaves[0], leaves[1], leaves[2], mean, var, 1e-5, leaves[3],
+                               *conv_args)
+        grad_out = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(1))
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        return out, torch.autograd.grad(out[0], wrt, grad_out.to(out[0]))
+
+    with torch.profiler.profile() as prof:
+        stepped = run()
+    names = {e.key for e in prof.key_averages()}
+    assert {"fused_resnet::bn_relu_conv2d_bn_stats_step",
+            "fused_resnet::bn_relu_conv2d_bn_stats_step_backward"} <= names, sorted(names)
+    monkeypatch.setattr(bn_relu_conv, "_runs_cpu_step", lambda *args: False)
+    monkeypatch.setattr(bn_relu_conv, "_runs_cpu_step_backward", lambda *args: False)
+    python = run()
+    for got, want in zip([*stepped[0], *stepped[1]], [*python[0], *python[1]]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.stride() == want.stride()
+        assert torch.equal(got, want)
+
+
 def test_gradcheck_float64():
     z, bn_w, bn_b, w, conv_args = _problem(CONVS[2], torch.float64)
     leaves = [t.to(torch.float64).requires_grad_() for t in (z[:, :, :5, :5], bn_w, bn_b, w)]

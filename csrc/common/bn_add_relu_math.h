@@ -34,7 +34,7 @@ FR_HD void welford_add(WelfordState& s, float x) {
 // F: float on the GPU, double where the CPU kernels merge their partial results.
 template <typename F>
 FR_HD void chan_update(F& mean, F& m2, F b_mean, F b_m2, F b_share, F a_count) {
-  const float delta = b_mean - mean;
+  const F delta = b_mean - mean;
   mean += delta * b_share;
   m2 += b_m2 + delta * delta * a_count * b_share;
 }

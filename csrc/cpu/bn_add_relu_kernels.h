@@ -389,6 +389,282 @@ std::vector<SumsAcc> grad_sums_nhwc(const T* grad, const uint8_t* mask, const T*
   });
 }
 
+
+// ---- fp32 channels_last, C a multiple of 16: tiles of 16 channels ------------------------------
+// The general loops above go through a byte-per-element copy of the ReLU mask (unpacked before,
+// packed after) and runs of per-channel arrays. Here each row is walked in tiles of 16 channels,
+// one vector each (GCC's vector extensions: one AVX-512 register, two AVX2 or four SSE2 ones,
+// whatever this file is compiled for), and the mask is read and written as bits, 16 per tile:
+// measured on a 2-core AVX-512 machine (ResNet-50 shapes, fp32), the gradient pieces ~25% and
+// the forward apply ~10% faster. Rows stay in memory order (tiles inside a row): streaming
+// order, which a channel-major walk down the rows lost. Every channel's arithmetic, and the order
+// of its sums, is the general loops': the results are bitwise the same (checked against them).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FR_CPU_TILES 1
+constexpr int64_t kLanes = 16;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t LaneInts __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+
+Lanes broadcast(float v) { return Lanes{} + v; }
+
+const LaneInts kLaneBit = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7,
+                           1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
+
+// The 16 mask bits of the elements at e..e+15 (e a multiple of 8), as lanes of all ones / zeros.
+LaneInts mask_lanes(const uint8_t* mask, int64_t e) {
+  uint16_t bits;
+  std::memcpy(&bits, mask + e / 8, sizeof(bits));  // bit k: element e + k (little-endian bytes)
+  return (LaneInts{} + static_cast<int32_t>(bits) & kLaneBit) != 0;
+}
+
+typedef uint8_t LaneBytes __attribute__((vector_size(kLanes)));
+
+// The 16 bits of lanes that are all ones (lane k: bit k): narrowed to a byte per lane, then
+// packed 8 at a time (pack8), with no serial chain through the lanes.
+uint16_t lanes_to_bits(LaneInts on) {
+  const LaneBytes flags = __builtin_convertvector(on & 1, LaneBytes);
+  uint8_t bytes[kLanes];
+  std::memcpy(bytes, &flags, sizeof(bytes));
+  return static_cast<uint16_t>(pack8(bytes) | pack8(bytes + 8) << 8);
+}
+
+// relu_backward on 16 lanes: the gradient where the ReLU passed it (or always, without one).
+Lanes lanes_relu_backward(Lanes grad, LaneInts on, bool relu) {
+  return relu ? (on ? grad : Lanes{}) : grad;
+}
+
+// total[k] += part[k] (a block's fp32 sums into the double totals), k < 16.
+void add_lanes_to(double* __restrict__ total, Lanes part) {
+  for (int k = 0; k < kLanes; ++k) total[k] += part[k];
+}
+
+bool tiles_apply(Geometry g) { return g.inner == 1 && g.channels % kLanes == 0; }
+
+// Rows per elementwise task: whole rows (whole mask bytes), ~kChunk elements.
+int64_t tile_rows_per_task(int64_t C) { return std::max<int64_t>(1, kChunk * kChunksPerTask / C); }
+
+template <typename Rows>
+void for_each_row_range(Geometry g, Rows rows) {
+  const int64_t per_task = tile_rows_per_task(g.channels);
+  const int64_t tasks = (g.outer + per_task - 1) / per_task;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      rows(t * per_task, std::min(g.outer, (t + 1) * per_task));
+  });
+}
+
+// Rows [r0, r1) of apply_tiles (a function of its own: the __restrict__ pointers let the compiler
+// keep them, and the per-channel tiles, in registers down the rows).
+template <bool HAS_RES, bool HAS_MEAN>
+void apply_tile_rows(const float* __restrict__ x, const float* __restrict__ res,
+                     const float* __restrict__ mean, const float* __restrict__ scale,
+                     const float* __restrict__ shift, bool relu, float mask_floor, int64_t C,
+                     int64_t r0, int64_t r1, float* __restrict__ out,
+                     uint8_t* __restrict__ mask) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const Lanes m = HAS_MEAN ? load_lanes(mean + c) : Lanes{};
+      const Lanes sc = load_lanes(scale + c), sh = load_lanes(shift + c);
+      const int64_t e = r * C + c;
+      Lanes y = (load_lanes(x + e) - m) * sc + sh + (HAS_RES ? load_lanes(res + e) : Lanes{});
+      if (relu) y = y != y ? y : (y > 0.f ? y : Lanes{});  // relu_keep_nan
+      store_lanes(out + e, y);
+      if (mask) {
+        const uint16_t bits = lanes_to_bits(y > mask_floor);
+        std::memcpy(mask + e / 8, &bits, sizeof(bits));
+      }
+    }
+  }
+}
+
+template <bool HAS_RES, bool HAS_MEAN>
+void apply_tiles(const float* x, const float* res, const float* mean, const float* scale,
+                 const float* shift, bool relu, float mask_floor, Geometry g, float* out,
+                 uint8_t* mask) {
+  for_each_row_range(g, [=](int64_t r0, int64_t r1) {
+    apply_tile_rows<HAS_RES, HAS_MEAN>(x, res, mean, scale, shift, relu, mask_floor,
+                                       g.channels, r0, r1, out, mask);
+  });
+}
+
+template <bool RES_GRAD>
+void grad_apply_tile_rows(const float* __restrict__ grad, const uint8_t* __restrict__ mask,
+                          const float* __restrict__ x, const float* __restrict__ mean,
+                          const float* __restrict__ kc, const float* __restrict__ bc,
+                          const float* __restrict__ cc, bool relu, int64_t C, int64_t r0,
+                          int64_t r1, float* __restrict__ dx, float* __restrict__ dres) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const Lanes m = load_lanes(mean + c), k = load_lanes(kc + c), b = load_lanes(bc + c),
+                  c0 = load_lanes(cc + c);
+      const int64_t e = r * C + c;
+      const Lanes dz = lanes_relu_backward(load_lanes(grad + e),
+                                           relu ? mask_lanes(mask, e) : LaneInts{}, relu);
+      store_lanes(dx + e, k * dz + b * (load_lanes(x + e) - m) + c0);  // bn_backward_input
+      if (RES_GRAD) store_lanes(dres + e, dz);
+    }
+  }
+}
+
+template <bool RES_GRAD>
+void grad_apply_tiles(const float* grad, const uint8_t* mask, const float* x, const float* mean,
+                      const float* kc, const float* bc, const float* cc, bool relu, Geometry g,
+                      float* dx, float* dres) {
+  for_each_row_range(g, [=](int64_t r0, int64_t r1) {
+    grad_apply_tile_rows<RES_GRAD>(grad, mask, x, mean, kc, bc, cc, relu, g.channels, r0, r1,
+                                   dx, dres);
+  });
+}
+
+// Statistics of rows [r0, r1): as stats_nhwc's chunk function.
+void stats_tiles_chunk(const float* x, int64_t r0, int64_t r1, int64_t C, StatsAcc* out) {
+  std::vector<double> sum(C, 0.0), m2(C, 0.0);
+  std::vector<float> mean(C);
+  const float* shift = x + r0 * C;  // the first row: a value of each channel
+  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const Lanes sh = load_lanes(shift + c);
+      Lanes part{};
+      for (int64_t i = 0; i < rows; ++i) part += load_lanes(x + (r + i) * C + c) - sh;
+      add_lanes_to(sum.data() + c, part);
+    }
+  });
+  const double n = static_cast<double>(r1 - r0);
+  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
+  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const Lanes m = load_lanes(mean.data() + c);
+      Lanes part{};
+      for (int64_t i = 0; i < rows; ++i) {
+        const Lanes d = load_lanes(x + (r + i) * C + c) - m;
+        part += d * d;
+      }
+      add_lanes_to(m2.data() + c, part);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double mu = sum[c] / n, off = mu - static_cast<double>(mean[c]);
+    out[c] = StatsAcc{mu, m2[c] - n * off * off, r1 - r0};
+  }
+}
+
+// Gradient sums of rows [r0, r1): as grad_sums_nhwc's chunk function, the ReLU mask read as
+// bits (no unpacked copy).
+void grad_sums_tile_block(const float* __restrict__ grad, const uint8_t* __restrict__ mask,
+                          const float* __restrict__ x, const float* __restrict__ mean, bool relu,
+                          int64_t r, int64_t rows, int64_t C, float* __restrict__ part) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const int64_t e = (r + i) * C + c;
+      const Lanes dz = lanes_relu_backward(load_lanes(grad + e),
+                                           relu ? mask_lanes(mask, e) : LaneInts{}, relu);
+      const Lanes xmu = load_lanes(x + e) - load_lanes(mean + c);
+      float* a = part + 3 * c;  // the tile's three partial sums, side by side
+      store_lanes(a, load_lanes(a) + dz);
+      store_lanes(a + kLanes, load_lanes(a + kLanes) + dz * xmu);
+      store_lanes(a + 2 * kLanes, load_lanes(a + 2 * kLanes) + xmu);
+    }
+}
+
+void grad_sums_tiles_chunk(const float* grad, const uint8_t* mask, const float* x,
+                           const float* mean, bool relu, int64_t r0, int64_t r1, int64_t C,
+                           SumsAcc* out) {
+  std::vector<double> sdz(C, 0.0), sdzx(C, 0.0), sxmu(C, 0.0);
+  std::vector<float> part(3 * C);
+  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+    std::fill(part.begin(), part.end(), 0.f);
+    grad_sums_tile_block(grad, mask, x, mean, relu, r, rows, C, part.data());
+    for (int64_t c = 0; c < C; c += kLanes) {
+      add_lanes_to(sdz.data() + c, load_lanes(part.data() + 3 * c));
+      add_lanes_to(sdzx.data() + c, load_lanes(part.data() + 3 * c + kLanes));
+      add_lanes_to(sxmu.data() + c, load_lanes(part.data() + 3 * c + 2 * kLanes));
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) out[c] = SumsAcc{sdz[c], sdzx[c], sxmu[c]};
+}
+#else
+#define FR_CPU_TILES 0
+#endif
+
+// The channels_last reductions: fp32 with C a multiple of 16 by tiles, anything else by runs.
+template <typename T>
+std::vector<StatsAcc> stats_nhwc_any(const T* x, Geometry g) {
+#if FR_CPU_TILES
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles_apply(g))
+      return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
+        stats_tiles_chunk(x, r0, r1, g.channels, out);
+      });
+  }
+#endif
+  return stats_nhwc(x, g);
+}
+
+template <typename T>
+std::vector<SumsAcc> grad_sums_nhwc_any(const T* grad, const uint8_t* mask, const T* x,
+                                        const float* mean, bool relu, Geometry g) {
+#if FR_CPU_TILES
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles_apply(g))
+      return reduce_nhwc<SumsAcc>(g, [&](int64_t r0, int64_t r1, SumsAcc* out) {
+        grad_sums_tiles_chunk(grad, mask, x, mean, relu, r0, r1, g.channels, out);
+      });
+  }
+#endif
+  return grad_sums_nhwc(grad, mask, x, mean, relu, g);
+}
+
+// The fp32 channels_last elementwise kernels by tiles; false if they don't apply.
+bool apply_by_tiles(const void* x, const void* res, const float* mean, const float* scale,
+                    const float* shift, bool relu, float floor, Geometry g, void* out,
+                    uint8_t* mask) {
+#if FR_CPU_TILES
+  if (!tiles_apply(g)) return false;
+  const float* xf = static_cast<const float*>(x);
+  const float* rf = static_cast<const float*>(res);
+  float* of = static_cast<float*>(out);
+  if (res && mean)
+    apply_tiles<true, true>(xf, rf, mean, scale, shift, relu, floor, g, of, mask);
+  else if (res)
+    apply_tiles<true, false>(xf, rf, mean, scale, shift, relu, floor, g, of, mask);
+  else if (mean)
+    apply_tiles<false, true>(xf, rf, mean, scale, shift, relu, floor, g, of, mask);
+  else
+    apply_tiles<false, false>(xf, rf, mean, scale, shift, relu, floor, g, of, mask);
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool grad_apply_by_tiles(const void* grad, const uint8_t* mask, const void* x,
+                         const float* mean, const float* k, const float* b, const float* c,
+                         bool relu, Geometry g, void* dx, void* dres) {
+#if FR_CPU_TILES
+  if (!tiles_apply(g)) return false;
+  const float* gf = static_cast<const float*>(grad);
+  const float* xf = static_cast<const float*>(x);
+  if (dres)
+    grad_apply_tiles<true>(gf, mask, xf, mean, k, b, c, relu, g, static_cast<float*>(dx),
+                           static_cast<float*>(dres));
+  else
+    grad_apply_tiles<false>(gf, mask, xf, mean, k, b, c, relu, g, static_cast<float*>(dx),
+                            nullptr);
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 void bn_stats(DType dtype, const void* x_, Geometry g, const float* weight, const float* bias,
@@ -396,7 +672,7 @@ void bn_stats(DType dtype, const void* x_, Geometry g, const float* weight, cons
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(x_);
-    const auto states = g.inner == 1 ? stats_nhwc(x, g) : stats_nchw(x, g);
+    const auto states = g.inner == 1 ? stats_nhwc_any(x, g) : stats_nchw(x, g);
     for (int64_t c = 0; c < g.channels; ++c) {
       // NaN for an empty channel, as torch.var_mean gives
       const StatsAcc& s = states[c];
@@ -412,12 +688,15 @@ void bn_stats(DType dtype, const void* x_, Geometry g, const float* weight, cons
 void bn_add_relu_apply(DType dtype, const void* x_, const void* res_, const float* mean,
                        const float* scale, const float* shift, bool relu, Geometry g, void* out_,
                        uint8_t* mask) {
+  const float floor = relu_mask_floor(dtype);
+  if (dtype == DType::Float32 &&
+      apply_by_tiles(x_, res_, mean, scale, shift, relu, floor, g, out_, mask))
+    return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(x_);
     const T* res = static_cast<const T*>(res_);
     T* out = static_cast<T*>(out_);
-    const float floor = relu_mask_floor(dtype);
     for_each_chunk(g.numel(), [&](int64_t begin, int64_t end) {
       uint8_t flags[kChunk];
       for_each_run(g, begin, end, [&](int64_t i, int64_t len, int64_t c, bool same) {
@@ -448,7 +727,7 @@ void bn_add_relu_grad_reduce(DType dtype, const void* grad_, const uint8_t* mask
     using T = decltype(tag);
     const T* grad = static_cast<const T*>(grad_);
     const T* x = static_cast<const T*>(x_);
-    const auto sums = g.inner == 1 ? grad_sums_nhwc(grad, mask, x, mean, relu, g)
+    const auto sums = g.inner == 1 ? grad_sums_nhwc_any(grad, mask, x, mean, relu, g)
                                    : grad_sums_nchw(grad, mask, x, mean, relu, g);
     for (int64_t c = 0; c < g.channels; ++c) {
       const BackwardCoefficients r =
@@ -466,6 +745,9 @@ void bn_add_relu_grad_reduce(DType dtype, const void* grad_, const uint8_t* mask
 void bn_add_relu_grad_apply(DType dtype, const void* grad_, const uint8_t* mask, const void* x_,
                             const float* mean, const float* k, const float* b, const float* c,
                             bool relu, Geometry g, void* dx_, void* dres_) {
+  if (dtype == DType::Float32 &&
+      grad_apply_by_tiles(grad_, mask, x_, mean, k, b, c, relu, g, dx_, dres_))
+    return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* grad = static_cast<const T*>(grad_);

@@ -153,7 +153,20 @@ def bn_add_relu_grad_apply_triton(grad: Tensor, mask: Tensor, input: Tensor, mea
                                                     residual_grad)
 
 
+# the CPU steps (csrc/cpu/training_steps.cpp) return what bn_add_relu and its backward do
+def _fake_step(input, residual, weight, bias, mean, var, eps, relu, save_mask):
+    return _fake_forward(input, residual, weight, bias, mean, var, True, eps, relu, save_mask)
+
+
+def _fake_step_backward(*args):
+    return _fake_backward(*args)
+
+
 def _register_fakes():
+    if _extension.available():  # csrc/cpu/training_steps.cpp
+        torch.library.register_fake("fused_resnet::bn_add_relu_step")(_fake_step)
+        torch.library.register_fake("fused_resnet::bn_add_relu_step_backward")(
+            _fake_step_backward)
     for piece, fake in _FAKES.items():
         torch.library.register_fake(f"fused_resnet::{piece}")(fake)
         # replaces the triton_op's default fake (its own body), which cannot run under the CPU
@@ -189,19 +202,24 @@ def _forward_pieces(input, residual, weight, bias, running_mean, running_var, tr
     # layer less per piece (this op is already opaque to autograd and torch.compile).
     if training and batch_mean is None:
         mean, var, scale, shift = _run("bn_stats", input, input, weight, bias, eps)
+    elif eager.cpu_step(input, residual, weight, bias):  # one C++ call, the same pieces
+        return torch.ops.fused_resnet.bn_add_relu_step(
+            input, residual, weight, bias, batch_mean if training else running_mean,
+            batch_var if training else running_var, eps, relu, save_mask)
     else:
         acc = layout.accumulate_dtype(input)
         mean = (batch_mean if training else running_mean).to(acc, copy=True)
         var = (batch_var if training else running_var).to(acc, copy=True)
-        scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps)
+        scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps,
+                                                           copy_bias=False)
     out, mask = _run("bn_add_relu_apply", input, input, residual, scale, shift, relu, save_mask,
                      mean)
     return out, mask, mean, var
 
 
 @bn_add_relu.register_fake
-def _(input, residual, weight, bias, running_mean, running_var, training, eps, relu, save_mask,
-      batch_mean=None, batch_var=None):
+def _fake_forward(input, residual, weight, bias, running_mean, running_var, training, eps, relu,
+                  save_mask, batch_mean=None, batch_var=None):
     return (layout.empty_like_kernel(input), layout.empty_mask(input, relu and save_mask),
             layout.empty_per_channel(input), layout.empty_per_channel(input))
 
@@ -223,6 +241,11 @@ def backward(grad_out: Tensor, input: Tensor, mask: Tensor, mean: Tensor, var: T
     """bn_add_relu_backward, for backward formulas: its implementation called directly in plain
     eager (fused_resnet.ops.eager) and where tracing should see the Triton pieces
     (pieces_traced), else the op itself."""
+    if not torch.is_grad_enabled() and eager.cpu_step(input, grad_out, mask, mean, var, weight):
+        # _backward_pieces as one C++ call
+        return torch.ops.fused_resnet.bn_add_relu_step_backward(
+            grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad,
+            param_grads)
     direct = eager.plain_eager_backward(grad_out, input, mask, mean, var, weight) or \
         pieces_traced(input)
     run = _backward_pieces if direct else bn_add_relu_backward
@@ -246,7 +269,8 @@ def _backward_pieces(grad_out, input, mask, mean, var, weight, training, eps, re
 
 
 @bn_add_relu_backward.register_fake
-def _(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad, param_grads):
+def _fake_backward(grad_out, input, mask, mean, var, weight, training, eps, relu, residual_grad,
+                   param_grads):
     grad_residual = layout.empty_like_kernel(input) if residual_grad else input.new_empty(0)
     param = layout.empty_per_channel(input) if param_grads else mean.new_empty(0)
     return layout.empty_like_kernel(input), grad_residual, param, torch.empty_like(param)

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_resnet import layout, reference
+from fused_resnet import _extension, layout, reference
 from fused_resnet.ops import conv as conv_ops
 from fused_resnet.ops import bn_add_relu, eager
 from fused_resnet.ops.bn_add_relu import _run
@@ -52,7 +52,8 @@ def _centred_bn(input, bn_weight, bn_bias, mean, var, eps):
     """(mean, scale, shift) of the previous BN's centred form (x - mean)*scale + shift."""
     acc = layout.accumulate_dtype(input)
     mean = mean.to(acc)
-    return (mean,) + reference.bn_centred_scale_shift(var.to(acc), bn_weight, bn_bias, eps)
+    return (mean,) + reference.bn_centred_scale_shift(var.to(acc), bn_weight, bn_bias, eps,
+                                                      copy_bias=False)
 
 
 def _activation(input, bn_weight, bn_bias, mean, var, eps, save_mask):
@@ -75,20 +76,66 @@ def dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride, pad
     """The candidates bn_relu_conv2d_bn_stats chooses from for these arguments (path name ->
     zero-argument callable) and the (input, weight, stride, padding, dilation, groups) the
     choice is made on (see ops.conv.dispatch_plan). Nothing runs until a candidate is called."""
-    bn = _centred_bn(input, bn_weight, bn_bias, mean, var, eps)
+    def bn():
+        return _centred_bn(input, bn_weight, bn_bias, mean, var, eps)
 
     def library():
-        activation, _ = _run("bn_add_relu_apply", input, input, None, bn[1], bn[2], True, False,
-                             bn[0])
+        if _runs_cpu_step(input, weight, stride, padding, dilation, groups):
+            return ops.bn_relu_conv2d_bn_stats_step(input, bn_weight, bn_bias, mean, var,
+                                                          eps, weight, stride, padding,
+                                                          dilation, groups)
+        mean_, scale, shift = bn()
+        activation, _ = _run("bn_add_relu_apply", input, input, None, scale, shift, True, False,
+                             mean_)
         # inside this op's implementation: the conv op's implementation, not the op again
         return conv_ops.conv2d_bn_stats_forward(activation, weight, stride, padding, dilation,
                                                 groups)
 
     candidates = {"library": library}
     if input.dtype != torch.float64:
-        candidates["triton"] = lambda: _forward_triton(input, bn, weight, stride, padding)
+        candidates["triton"] = lambda: _forward_triton(input, bn(), weight, stride, padding)
     # no "cutlass": bn_relu_conv2d_cutlass rounds scale and shift to fp16 (module docstring)
     return candidates, (input, weight, stride, padding, dilation, groups)
+
+
+# ---- the CPU training steps as single C++ calls (csrc/cpu/training_steps.cpp) -----------------
+# The same kernels and conv, called in the same order on the same operands from C++ instead of
+# a dozen Python -> dispatcher round trips: bitwise the same results, less Python per residual
+# block (eager.cpu_step says where).
+def _runs_cpu_step(input, weight, stride, padding, dilation, groups) -> bool:
+    """Whether the library path runs as bn_relu_conv2d_bn_stats_step: where the Python path
+    would run the C++ pieces and the library conv."""
+    return eager.cpu_step(input, weight) and conv_ops.conv2d_bn_stats_path(
+        input, weight, stride, padding, dilation, groups) == "library"
+
+
+def _runs_cpu_step_backward(grad_z, input, weight) -> bool:
+    """Whether backward runs as bn_relu_conv2d_bn_stats_step_backward: where the Python path
+    would run the C++ pieces (no double backward)."""
+    return not torch.is_grad_enabled() and eager.cpu_step(input, grad_z, weight)
+
+
+def _register_step_fakes():
+    if not _extension.available():
+        return
+
+    @torch.library.register_fake("fused_resnet::bn_relu_conv2d_bn_stats_step")
+    def _(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups):
+        return ops.conv2d_bn_stats(layout.empty_like_kernel(input), weight, stride, padding,
+                                   dilation, groups)
+
+    @torch.library.register_fake("fused_resnet::bn_relu_conv2d_bn_stats_step_backward")
+    def _(grad_z, input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
+          groups, need_bn, need_weight, param_grads):
+        def absent():
+            return input.new_empty(0)
+        return (layout.empty_like_kernel(input) if need_bn else absent(),
+                torch.empty_like(weight) if need_weight else absent(),
+                layout.empty_per_channel(input) if need_bn and param_grads else absent(),
+                layout.empty_per_channel(input) if need_bn and param_grads else absent())
+
+
+_register_step_fakes()
 
 
 @torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
@@ -133,6 +180,12 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
     need_input, need_bn_weight, need_bn_bias = ctx.needs_input_grad[:3]
     need_weight = ctx.needs_input_grad[6]
     need_bn = need_input or need_bn_weight or need_bn_bias
+    if _runs_cpu_step_backward(grad_z, input, weight):
+        grad_input, grad_weight, grad_bn_weight, grad_bn_bias = \
+            ops.bn_relu_conv2d_bn_stats_step_backward(
+                grad_z, input, bn_weight, bn_bias, mean, var, ctx.eps, weight, stride, padding,
+                dilation, groups, need_bn, need_weight, need_bn_weight or need_bn_bias)
+        return _gradients(ctx, grad_input, grad_bn_weight, grad_bn_bias, grad_weight)
     activation, mask = _activation(input, bn_weight, bn_bias, mean, var, ctx.eps, True)
     grad_activation, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, activation, weight, None, stride, padding, dilation, False, [0, 0], groups,
@@ -143,6 +196,13 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
         grad_input, _, grad_bn_weight, grad_bn_bias = bn_add_relu.backward(
             grad_activation, input, mask, mean, var, bn_weight, True, ctx.eps, True, False,
             need_bn_weight or need_bn_bias)
+    return _gradients(ctx, grad_input, grad_bn_weight, grad_bn_bias, grad_weight)
+
+
+def _gradients(ctx, grad_input, grad_bn_weight, grad_bn_bias, grad_weight):
+    """backward's result: the gradients asked for (in the parameters' dtypes), None elsewhere."""
+    need_input, need_bn_weight, need_bn_bias = ctx.needs_input_grad[:3]
+    need_weight = ctx.needs_input_grad[6]
     return (grad_input if need_input else None,
             grad_bn_weight.to(ctx.param_dtypes[0]) if need_bn_weight else None,
             grad_bn_bias.to(ctx.param_dtypes[1]) if need_bn_bias else None,

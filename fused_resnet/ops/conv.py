@@ -687,6 +687,13 @@ def conv2d_bn_stats_forward(input, weight, stride, padding, dilation, groups):
     return candidates[choose_path("bn_stats", candidates, *conv, epilogue=(("stats", True),))]()
 
 
+def conv2d_bn_stats_path(input, weight, stride, padding, dilation, groups) -> str:
+    """The path conv2d_bn_stats would run for these arguments (choose_path's answer), without
+    running it."""
+    candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
+    return choose_path("bn_stats", candidates, *conv, epilogue=(("stats", True),))
+
+
 @conv2d_bn_stats.register_fake
 def _(input, weight, stride, padding, dilation, groups):
     z = _empty_conv_out(input, weight, stride, padding, dilation)

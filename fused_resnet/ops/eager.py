@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fused_resnet import tracing
+from fused_resnet import backend, tracing
 
 
 def _plain_tensors(args) -> bool:
@@ -84,3 +84,12 @@ def call_inference(op, impl: Callable, *args):
     if plain_eager(*args) and not _records(args):
         return impl(*args)
     return op(*args)
+
+
+def cpu_step(input: Tensor, *tensors) -> bool:
+    """Whether an op's implementation may run its CPU training step as one C++ call
+    (csrc/cpu/training_steps.cpp: the same kernels on the same operands, bitwise the same
+    results, without the Python between them): plain eager mode (see plain_eager), CPU tensors
+    and the C++ backend for them."""
+    return input.device.type == "cpu" and plain_eager(input, *tensors) and \
+        backend.choose(input.device, input.dtype) == "cpp"

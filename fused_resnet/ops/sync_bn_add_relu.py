@@ -60,7 +60,8 @@ class _SyncBNAddReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, residual, weight, bias, mean, var, count, total, eps, relu, group):
         if count:
-            scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps)
+            scale, shift = reference.bn_centred_scale_shift(var, weight, bias, eps,
+                                                               copy_bias=False)
             out, mask = ops.bn_add_relu_apply(input, residual, scale, shift, relu, True, mean)
         else:  # nothing to normalise here; the other processes' batches were gathered all the same
             out, mask = torch.empty_like(input), input.new_empty(0, dtype=torch.uint8)

@@ -142,5 +142,9 @@ def test_committed_bench_reports_render():
     assert runs, "no committed fused-resnet bench result"
     for run in runs:
         with open(os.path.join(root, run, "results.json")) as f:
-            text = report.markdown(json.load(f))
-        assert "### resnet50, training" in text and "## Goals" in text
+            results = json.load(f)
+        text = report.markdown(results)
+        modes = {row["mode"] for row in results["rows"]}
+        assert modes and "## Goals" in text, run
+        for mode in modes:  # a run of one mode (e.g. inference only) has that section alone
+            assert f"### resnet50, {mode}" in text, (run, mode)

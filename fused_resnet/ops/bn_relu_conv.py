@@ -81,9 +81,8 @@ def dispatch_plan(input, bn_weight, bn_bias, mean, var, eps, weight, stride, pad
 
     def library():
         if _runs_cpu_step(input, weight, stride, padding, dilation, groups):
-            return ops.bn_relu_conv2d_bn_stats_step(input, bn_weight, bn_bias, mean, var,
-                                                          eps, weight, stride, padding,
-                                                          dilation, groups)
+            return ops.bn_relu_conv2d_bn_stats_step(input, bn_weight, bn_bias, mean, var, eps,
+                                                    weight, stride, padding, dilation, groups)
         mean_, scale, shift = bn()
         activation, _ = _run("bn_add_relu_apply", input, input, None, scale, shift, True, False,
                              mean_)

@@ -321,30 +321,43 @@ void for_each_block(int64_t r0, int64_t r1, Block block) {
   for (int64_t r = r0; r < r1; r += kBlockRows) block(r, std::min(kBlockRows, r1 - r));
 }
 
+// The statistics of rows [r0, r1) of a channels_last tensor: the mean from sums around the first
+// row's values, then the squared deviations from the fp32-rounded mean (exact where x is near
+// it) with the rounding's own share taken out: sum (x - m)^2 = sum (x - rounded)^2 -
+// n*(m - rounded)^2. add_blocks(centre, square, totals) adds sum (x - centre[c]) (or its
+// square) over the rows to totals[c], in fp32 blocks of kBlockRows rows.
+template <typename T, typename AddBlocks>
+void stats_chunk(const T* x, int64_t r0, int64_t r1, int64_t C, AddBlocks add_blocks,
+                 StatsAcc* out) {
+  std::vector<double> sum(C, 0.0), m2(C, 0.0);
+  std::vector<float> mean(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
+  add_blocks(shift.data(), false, sum.data());
+  const double n = static_cast<double>(r1 - r0);
+  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
+  add_blocks(mean.data(), true, m2.data());
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = sum[c] / n, off = m - static_cast<double>(mean[c]);
+    out[c] = StatsAcc{m, m2[c] - n * off * off, r1 - r0};
+  }
+}
+
 template <typename T>
 std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
   const int64_t C = g.channels;
   return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
-    std::vector<double> sum(C, 0.0), m2(C, 0.0);
-    std::vector<float> part(C, 0.f), mean(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
-    for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
-      sum_rows(x + r * C, rows, C, shift.data(), part.data());
-      flush_block(sum.data(), part.data(), C);
-    });
-    const double n = static_cast<double>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
-    // deviations from the fp32-rounded mean (exact where x is near it), then the rounding's
-    // own share taken out: sum (x - m)^2 = sum (x - rounded)^2 - n*(m - rounded)^2
-    for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
-    for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
-      squared_deviations_rows(x + r * C, rows, C, mean.data(), part.data());
-      flush_block(m2.data(), part.data(), C);
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      const double m = sum[c] / n, off = m - static_cast<double>(mean[c]);
-      out[c] = StatsAcc{m, m2[c] - n * off * off, r1 - r0};
-    }
+    std::vector<float> part(C, 0.f);
+    const auto add_blocks = [&](const float* centre, bool square, double* totals) {
+      for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+        if (square)
+          squared_deviations_rows(x + r * C, rows, C, centre, part.data());
+        else
+          sum_rows(x + r * C, rows, C, centre, part.data());
+        flush_block(totals, part.data(), C);
+      });
+    };
+    stats_chunk(x, r0, r1, C, add_blocks, out);
   });
 }
 
@@ -526,37 +539,21 @@ void grad_apply_tiles(const float* grad, const uint8_t* mask, const float* x, co
   });
 }
 
-// Statistics of rows [r0, r1): as stats_nhwc's chunk function.
-void stats_tiles_chunk(const float* x, int64_t r0, int64_t r1, int64_t C, StatsAcc* out) {
-  std::vector<double> sum(C, 0.0), m2(C, 0.0);
-  std::vector<float> mean(C);
-  const float* shift = x + r0 * C;  // the first row: a value of each channel
+// stats_chunk's add_blocks by tiles: a tile's fp32 block sum in a register down the rows.
+template <bool SQUARE>
+void add_tile_blocks(const float* x, int64_t r0, int64_t r1, int64_t C, const float* centre,
+                     double* totals) {
   for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
     for (int64_t c = 0; c < C; c += kLanes) {
-      const Lanes sh = load_lanes(shift + c);
-      Lanes part{};
-      for (int64_t i = 0; i < rows; ++i) part += load_lanes(x + (r + i) * C + c) - sh;
-      add_lanes_to(sum.data() + c, part);
-    }
-  });
-  const double n = static_cast<double>(r1 - r0);
-  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
-  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
-  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
-    for (int64_t c = 0; c < C; c += kLanes) {
-      const Lanes m = load_lanes(mean.data() + c);
+      const Lanes m = load_lanes(centre + c);
       Lanes part{};
       for (int64_t i = 0; i < rows; ++i) {
         const Lanes d = load_lanes(x + (r + i) * C + c) - m;
-        part += d * d;
+        part += SQUARE ? d * d : d;
       }
-      add_lanes_to(m2.data() + c, part);
+      add_lanes_to(totals + c, part);
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    const double mu = sum[c] / n, off = mu - static_cast<double>(mean[c]);
-    out[c] = StatsAcc{mu, m2[c] - n * off * off, r1 - r0};
-  }
 }
 
 // Gradient sums of rows [r0, r1): as grad_sums_nhwc's chunk function, the ReLU mask read as
@@ -604,7 +601,14 @@ std::vector<StatsAcc> stats_nhwc_any(const T* x, Geometry g) {
   if constexpr (std::is_same_v<T, float>) {
     if (tiles_apply(g))
       return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
-        stats_tiles_chunk(x, r0, r1, g.channels, out);
+        stats_chunk(x, r0, r1, g.channels,
+                    [&](const float* centre, bool square, double* totals) {
+                      if (square)
+                        add_tile_blocks<true>(x, r0, r1, g.channels, centre, totals);
+                      else
+                        add_tile_blocks<false>(x, r0, r1, g.channels, centre, totals);
+                    },
+                    out);
       });
   }
 #endif

@@ -153,20 +153,7 @@ def bn_add_relu_grad_apply_triton(grad: Tensor, mask: Tensor, input: Tensor, mea
                                                     residual_grad)
 
 
-# the CPU steps (csrc/cpu/training_steps.cpp) return what bn_add_relu and its backward do
-def _fake_step(input, residual, weight, bias, mean, var, eps, relu, save_mask):
-    return _fake_forward(input, residual, weight, bias, mean, var, True, eps, relu, save_mask)
-
-
-def _fake_step_backward(*args):
-    return _fake_backward(*args)
-
-
 def _register_fakes():
-    if _extension.available():  # csrc/cpu/training_steps.cpp
-        torch.library.register_fake("fused_resnet::bn_add_relu_step")(_fake_step)
-        torch.library.register_fake("fused_resnet::bn_add_relu_step_backward")(
-            _fake_step_backward)
     for piece, fake in _FAKES.items():
         torch.library.register_fake(f"fused_resnet::{piece}")(fake)
         # replaces the triton_op's default fake (its own body), which cannot run under the CPU
@@ -274,6 +261,16 @@ def _fake_backward(grad_out, input, mask, mean, var, weight, training, eps, relu
     grad_residual = layout.empty_like_kernel(input) if residual_grad else input.new_empty(0)
     param = layout.empty_per_channel(input) if param_grads else mean.new_empty(0)
     return layout.empty_like_kernel(input), grad_residual, param, torch.empty_like(param)
+
+
+# the CPU steps (csrc/cpu/training_steps.cpp) return what bn_add_relu and its backward do
+def _fake_step(input, residual, weight, bias, mean, var, eps, relu, save_mask):
+    return _fake_forward(input, residual, weight, bias, mean, var, True, eps, relu, save_mask)
+
+
+if _extension.available():
+    torch.library.register_fake("fused_resnet::bn_add_relu_step")(_fake_step)
+    torch.library.register_fake("fused_resnet::bn_add_relu_step_backward")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -118,10 +118,8 @@ def _register_step_fakes():
     if not _extension.available():
         return
 
-    @torch.library.register_fake("fused_resnet::bn_relu_conv2d_bn_stats_step")
-    def _(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups):
-        return ops.conv2d_bn_stats(layout.empty_like_kernel(input), weight, stride, padding,
-                                   dilation, groups)
+    # the forward step returns what the op does
+    torch.library.register_fake("fused_resnet::bn_relu_conv2d_bn_stats_step")(_fake_forward)
 
     @torch.library.register_fake("fused_resnet::bn_relu_conv2d_bn_stats_step_backward")
     def _(grad_z, input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
@@ -133,8 +131,6 @@ def _register_step_fakes():
                 layout.empty_per_channel(input) if need_bn and param_grads else absent(),
                 layout.empty_per_channel(input) if need_bn and param_grads else absent())
 
-
-_register_step_fakes()
 
 
 @torch.library.custom_op("fused_resnet::bn_relu_conv2d_bn_stats", mutates_args=())
@@ -157,9 +153,13 @@ def _forward(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding,
 
 
 @bn_relu_conv2d_bn_stats.register_fake
-def _(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation, groups):
+def _fake_forward(input, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, dilation,
+                  groups):
     activation = layout.empty_like_kernel(input)
     return ops.conv2d_bn_stats(activation, weight, stride, padding, dilation, groups)
+
+
+_register_step_fakes()
 
 
 def _setup_context(ctx, inputs, output):

@@ -684,13 +684,15 @@ def conv2d_bn_stats(input: Tensor, weight: Tensor, stride: list[int], padding: l
 def conv2d_bn_stats_forward(input, weight, stride, padding, dilation, groups):
     """conv2d_bn_stats's implementation (for another op's implementation to call directly)."""
     candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
-    return candidates[choose_path("bn_stats", candidates, *conv, epilogue=(("stats", True),))]()
+    return candidates[_stats_choice(candidates, conv)]()
 
 
 def conv2d_bn_stats_path(input, weight, stride, padding, dilation, groups) -> str:
-    """The path conv2d_bn_stats would run for these arguments (choose_path's answer), without
-    running it."""
-    candidates, conv = _stats_plan(input, weight, stride, padding, dilation, groups)
+    """The path conv2d_bn_stats would run for these arguments, without running it."""
+    return _stats_choice(*_stats_plan(input, weight, stride, padding, dilation, groups))
+
+
+def _stats_choice(candidates: dict, conv: tuple) -> str:
     return choose_path("bn_stats", candidates, *conv, epilogue=(("stats", True),))
 
 

@@ -370,34 +370,16 @@ static PyObject* fr_cutlass_conv_plan(PyObject*, PyObject* args) {
 }
 
 // cpu_cache_stats() -> dict; cpu_cache_release(): the CPU output block cache (cpu/output_pool.h).
-// A C++ exception must not cross into Python's C API: it becomes a RuntimeError.
-template <typename F>
-static PyObject* fr_python_call(F&& f) {
-  try {
-    return f();
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-  return nullptr;
-}
-
 static PyObject* fr_cpu_cache_stats(PyObject*, PyObject*) {
-  return fr_python_call([] {
-    const fused_resnet::cpu::PoolStats s = fused_resnet::cpu::pool_stats();
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
-                         "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
-                         "misses", (long long)s.misses, "limit_bytes",
-                         (long long)s.limit_bytes);
-  });
+  const fused_resnet::cpu::PoolStats s = fused_resnet::cpu::pool_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
+                       "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
+                       "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
 }
 
 static PyObject* fr_cpu_cache_release(PyObject*, PyObject*) {
-  return fr_python_call([]() -> PyObject* {
-    fused_resnet::cpu::release_cached();
-    Py_RETURN_NONE;
-  });
+  fused_resnet::cpu::release_cached();
+  Py_RETURN_NONE;
 }
 
 static PyMethodDef fr_methods[] = {

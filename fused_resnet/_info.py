@@ -4,7 +4,7 @@ import platform
 
 import torch
 
-from fused_resnet import _extension, backend, cpu_cache, tuning
+from fused_resnet import _extension, backend, tuning
 from fused_resnet._version import __version__
 from fused_resnet.ops import conv_mkldnn
 
@@ -36,19 +36,9 @@ def _ext_entry(device_type: str) -> dict:
     entry = {"built": built, "usable": reason is None}
     if device_type == "cpu" and built:
         entry["isa"] = getattr(module, "cpu_isa", None)  # the kernels' instruction set here
-        entry["output_cache"] = _cpu_cache_entry()
     if reason:
         entry["reason"] = reason
     return entry
-
-
-def _cpu_cache_entry() -> str:
-    """The CPU output cache's limit (fused_resnet.cpu_cache), or why it is off."""
-    try:
-        limit = cpu_cache.stats()["limit_bytes"]
-    except RuntimeError as exc:  # a bad FUSED_RESNET_CPU_CACHE_MB
-        return f"error: {exc}"
-    return f"up to {limit >> 20} MiB unused" if limit else "off (FUSED_RESNET_CPU_CACHE_MB=0)"
 
 
 def _cutlass_entry() -> dict:

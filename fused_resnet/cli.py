@@ -25,9 +25,7 @@ def _print_info(args) -> int:
         built = "built" if entry["built"] else "not built"
         extra = f" ({entry['reason']})" if entry.get("reason") else ""
         mode = f" [{entry['mode']}]" if entry.get("mode") else ""
-        isa = f" [{entry['isa']}]" if entry.get("isa") else ""
-        cache = f"; output cache: {entry['output_cache']}" if entry.get("output_cache") else ""
-        print(f"  {name:12s} {built}, {state}{isa}{mode}{extra}{cache}")
+        print(f"  {name:12s} {built}, {state}{mode}{extra}")
     if data["conv_choices"]:
         print(f"measured choices (disk cache {data['tuning_cache']}, and this process):")
         for key, choice in data["conv_choices"].items():

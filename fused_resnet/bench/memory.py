@@ -7,8 +7,6 @@ from typing import Callable, Optional
 
 import torch
 
-from fused_resnet import cpu_cache
-
 
 def _proc_status_kib(field: str) -> Optional[int]:
     try:
@@ -22,10 +20,8 @@ def _proc_status_kib(field: str) -> Optional[int]:
 
 
 def _return_freed_memory_to_os() -> None:
-    """glibc keeps freed heap pages, and fused_resnet's CPU output cache its unused blocks
-    (fused_resnet.cpu_cache); without giving them back a step that reuses them shows no growth
-    of the resident set at all."""
-    cpu_cache.release()
+    """glibc keeps freed heap pages; without trimming them a step that reuses them shows no
+    growth of the resident set at all."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

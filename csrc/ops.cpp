@@ -16,7 +16,6 @@
 #include "common/cutlass_conv_plan.h"
 #include "common/types.h"
 #include "cpu/bn_add_relu.h"
-#include "cpu/output_pool.h"
 
 #ifdef FR_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -119,21 +118,12 @@ Tensor empty_per_channel(const Tensor& x) {
   return at::empty({x.size(1)}, x.options().dtype(at::kFloat));
 }
 
-// Outputs of the size of the input (and their masks) on the CPU: from the block cache, already
-// faulted in after the first training step (csrc/cpu/output_pool.h).
-Tensor empty_output(const Tensor& x, at::IntArrayRef sizes, at::ScalarType dtype,
-                    at::MemoryFormat fmt) {
-  if (x.device().is_cpu()) return cpu::pooled_empty(sizes, dtype, fmt);
-  return at::empty(sizes, x.options().dtype(dtype).memory_format(fmt));
-}
-
 Tensor empty_mask(const Tensor& x, bool written) {
-  return empty_output(x, {written ? mask_bytes(x.numel()) : 0}, at::kByte,
-                      at::MemoryFormat::Contiguous);
+  return at::empty({written ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
 }
 
 Tensor empty_like_format(const Tensor& x, at::MemoryFormat fmt) {
-  return empty_output(x, x.sizes(), x.scalar_type(), fmt);
+  return at::empty(x.sizes(), x.options().memory_format(fmt));
 }
 
 #ifdef FR_WITH_CUDA
@@ -369,26 +359,9 @@ static PyObject* fr_cutlass_conv_plan(PyObject*, PyObject* args) {
                        (long long)plan.q, static_cast<int>(plan.tile));
 }
 
-// cpu_cache_stats() -> dict; cpu_cache_release(): the CPU output block cache (cpu/output_pool.h).
-static PyObject* fr_cpu_cache_stats(PyObject*, PyObject*) {
-  const fused_resnet::cpu::PoolStats s = fused_resnet::cpu::pool_stats();
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
-                       "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
-                       "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
-}
-
-static PyObject* fr_cpu_cache_release(PyObject*, PyObject*) {
-  fused_resnet::cpu::release_cached();
-  Py_RETURN_NONE;
-}
-
 static PyMethodDef fr_methods[] = {
     {"cutlass_conv_plan", fr_cutlass_conv_plan, METH_VARARGS,
      "CUTLASS conv path decision for a problem (see common/cutlass_conv_plan.h)"},
-    {"cpu_cache_stats", fr_cpu_cache_stats, METH_NOARGS,
-     "the CPU output block cache: cached and in-use bytes, hits, misses, limit"},
-    {"cpu_cache_release", fr_cpu_cache_release, METH_NOARGS,
-     "frees the CPU output block cache's unused blocks"},
     {nullptr, nullptr, 0, nullptr}};
 
 // A plain Python module (no pybind11): importing it runs the registrations above. Its

@@ -48,10 +48,9 @@ LAYERS = (
     Layer("backend", ("fused_resnet.backend",)),
     # The kernels: Triton kernels and launchers, the C++/CUDA extension and its loader, and
     # the tuning cache the Triton conv reads its tile choices from (its entries record the _C
-    # source stamp, hence the lazy _extension import in tuning), and the C++ kernels' CPU
-    # output cache.
+    # source stamp, hence the lazy _extension import in tuning).
     Layer("kernels", ("fused_resnet.kernels.*", "fused_resnet._C", "fused_resnet._extension",
-                      "fused_resnet.tuning", "fused_resnet.cpu_cache")),
+                      "fused_resnet.tuning")),
     # The plain-PyTorch reference computations (BN statistics, scale and shift) the kernels
     # and ops fall back to and are tested against, and BN folding built on them.
     Layer("reference", ("fused_resnet.reference", "fused_resnet.fold")),

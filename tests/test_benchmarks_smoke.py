@@ -67,3 +67,23 @@ def test_compare_runs_judges_agreement_within_the_spreads(tmp_path):
     assert verdicts["fused"] == "differs"
     # the second compile row's IQR is 30% of its median: unstable, not judged
     assert verdicts["compile"].startswith("not judged (unstable)")
+
+
+def test_cpu_page_faults_measures_each_model_and_writes_its_rows():
+    """benchmarks/cpu_page_faults.py: one step per model (a tiny ResNet-50 input), the samples
+    it records, and the table rows it writes from them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cpu_page_faults", os.path.join(ROOT, "benchmarks", "cpu_page_faults.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    samples = script.measure(image_size=32, batch=2, rounds=1, providers=["eager_cl", "fused"])
+    assert set(samples) == {"eager_cl", "fused"}
+    for values in samples.values():
+        (ms, faults, sys_s), = values
+        assert ms > 0 and faults >= 0 and sys_s >= 0
+    rows = script.summary_rows("alone", {"eager_cl": [(100.0, 2048, 0.1)],
+                                         "fused": [(80.0, 1024, 0.0)]})
+    assert rows == ["| alone | eager_cl | 100 (100-100) | 1.00x | 2048 (2048-2048) | 8 | 0.10 |",
+                    "| alone | fused | 80 (80-80) | 1.25x | 1024 (1024-1024) | 4 | 0.00 |"]

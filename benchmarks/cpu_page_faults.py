@@ -33,37 +33,28 @@ SETTINGS = {
 
 
 def measure(image_size: int, batch: int, rounds: int, providers: list) -> dict:
-    """{provider: [(ms, faults, sys_s), ...]}: one training step per provider per round."""
+    """{provider: [(ms, faults, sys_s), ...]}: one training step per provider per round (the
+    bench's providers and training step, fused_resnet.bench.providers)."""
     import torch
     import torchvision
 
-    import fused_resnet
+    from fused_resnet.bench import providers as bench_providers
 
-    def make(fused):
-        torch.manual_seed(0)
-        model = torchvision.models.resnet50().to(memory_format=torch.channels_last).train()
-        if fused:
-            fused_resnet.fuse_(model)
-        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    models = {name: make(name == "fused") for name in providers}
-    x = torch.randn(batch, 3, image_size, image_size).contiguous(
-        memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    runners = {name: bench_providers.build(name, model, "cpu", torch.float32)
+               for name in providers}
+    x = torch.randn(batch, 3, image_size, image_size)
+    inputs = {name: runner.prepare_input(x) for name, runner in runners.items()}
     target = torch.randint(0, 1000, (batch,))
-
-    def step(model, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        optimizer.step()
-
-    for model, optimizer in models.values():  # warm-up: two steps each
-        step(model, optimizer)
-        step(model, optimizer)
-    samples = {name: [] for name in models}
+    for name, runner in runners.items():  # warm-up: two steps each
+        runner.train_step(inputs[name], target)
+        runner.train_step(inputs[name], target)
+    samples = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, (model, optimizer) in models.items():
+        for name, runner in runners.items():
             before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            step(model, optimizer)
+            runner.train_step(inputs[name], target)
             seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
             samples[name].append((1e3 * seconds, after.ru_minflt - before.ru_minflt,
                                   after.ru_stime - before.ru_stime))

@@ -32,6 +32,7 @@ constexpr int64_t kChunksPerTask = 4;       // grain of the elementwise parallel
 // a chunk still finds it in a 1 MB L2.
 constexpr int64_t kNhwcChunkElements = 131072;
 constexpr int64_t kPlaneChunk = 4096;       // NCHW reductions: plane elements per partial
+constexpr int64_t kMergesPerTask = 32768;   // NHWC reductions: partial results merged per task
 
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
@@ -261,8 +262,12 @@ std::vector<Acc> reduce_nhwc(Geometry g, ChunkFn chunk_fn) {
     for (int64_t ch = begin; ch < end; ++ch)
       chunk_fn(ch * rows, std::min(g.outer, (ch + 1) * rows), partial.data() + ch * C);
   });
+  if (chunks == 1) return partial;  // one partial result per channel: nothing to merge
   std::vector<Acc> result(C);
-  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+  // Threads only for a merge worth a parallel region (each costs ~10 us of wake-up and barrier
+  // on a 2-core machine, more than merging a few thousand partial results)
+  const int64_t grain = std::max<int64_t>(1, kMergesPerTask / chunks);
+  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       for (int64_t ch = 0; ch < chunks; ++ch) merge(result[c], partial[ch * C + c]);
   });

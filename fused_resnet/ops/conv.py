@@ -166,13 +166,13 @@ def conv_path(input, weight, stride, padding, dilation, groups, cutlass: bool = 
     or CUTLASS conv instead after measuring them.
     """
     backend.choose(input.device, input.dtype)  # raises if a forced backend cannot run here
-    if backend.requested() == "auto" and mkldnn and \
-            conv_mkldnn.unsupported(input, weight) is None:
+    requested = backend.requested()  # read once: every conv op call asks
+    if requested == "auto" and mkldnn and conv_mkldnn.unsupported(input, weight) is None:
         return "mkldnn"
-    if backend.requested() == "triton":
+    if requested == "triton":
         unsupported = triton_unsupported(input, weight, stride, padding, dilation, groups)
         return "triton" if unsupported is None else "library"
-    if backend.requested() == "cpp" and cutlass and \
+    if requested == "cpp" and cutlass and \
             cutlass_unsupported(input, weight, stride, padding, dilation, groups) is None:
         return "cutlass"
     return "library"

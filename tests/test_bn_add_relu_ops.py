@@ -380,6 +380,32 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
                                atol=1e-4)
 
 
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("channels", [5, 32], ids=["c5", "c32-tiles"])
+def test_reductions_of_an_empty_batch(backend_name, channels_last, channels):
+    """No rows at all (an empty batch): every channel's statistics are NaN, as torch.var_mean
+    gives, and the gradient sums are those of nothing, as the reference computes; no crash
+    (an empty NHWC reduction once divided by its zero chunk count)."""
+    x = torch.randn(0, channels, 3, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    mask = reference.bn_add_relu_apply(x, None, torch.ones(channels), torch.zeros(channels),
+                                       True, True)[1]
+    results = {}
+    for name in (backend_name, "torch"):
+        with backend.use(name):
+            mean, var, _, _ = ops.bn_stats(x, None, None, 1e-5)
+            results[name] = (mean, var) + ops.bn_add_relu_grad_reduce(
+                grad, mask, x, torch.zeros(channels), torch.ones(channels), None, 1e-5, True,
+                True)
+    assert results[backend_name][0].isnan().all() and results[backend_name][1].isnan().all()
+    for got, want in zip(results[backend_name], results["torch"]):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 # ---- the same registrations on a GPU (skipped without one) --------------------------------------
 def _to_cuda(args):
     return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)

@@ -262,7 +262,8 @@ std::vector<Acc> reduce_nhwc(Geometry g, ChunkFn chunk_fn) {
     for (int64_t ch = begin; ch < end; ++ch)
       chunk_fn(ch * rows, std::min(g.outer, (ch + 1) * rows), partial.data() + ch * C);
   });
-  if (chunks == 1) return partial;  // one partial result per channel: nothing to merge
+  // Nothing to merge: one chunk, or none (no rows, an empty batch: every channel empty)
+  if (chunks <= 1) return chunks == 1 ? partial : std::vector<Acc>(C);
   std::vector<Acc> result(C);
   // Threads only for a merge worth a parallel region (each costs ~10 us of wake-up and barrier
   // on a 2-core machine, more than merging a few thousand partial results)

@@ -382,6 +382,36 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
 
 
 @pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("shape", [(3, 5, 7, 7), (2, 3, 70, 70)], ids=["planes49", "planes4900"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nchw_gradient_sums_vs_float64(backend_name, shape, relu, dtype):
+    """NCHW gradient sums (the C++ kernels sum a plane's elements in rows of 16 lanes): planes
+    that end mid-row and start mid mask byte (49 elements), and planes longer than one reduction
+    run (4900: several blocks, a partial one); without a ReLU no mask at all, as the model
+    passes it; vs the float64 sums of the same values."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 0.5 + 2.0).to(dtype)
+    grad = torch.randn(shape).to(dtype)
+    c = shape[1]
+    mean = x.double().mean(dim=(0, 2, 3)).float()
+    var = x.double().var(dim=(0, 2, 3), correction=0).float()
+    mask = (reference.bn_add_relu_apply(x, None, torch.ones(c), torch.full((c,), -2.0), True,
+                                        True)[1] if relu else layout.empty_mask(x, False))
+    with backend.use(backend_name):
+        _, _, _, grad_weight, grad_bias = ops.bn_add_relu_grad_reduce(grad, mask, x, mean, var,
+                                                                      None, 0.0, relu, True)
+    dz = grad.double() * (x.double() > 2.0) if relu else grad.double()
+    xmu = x.double() - mean.double().view(1, -1, 1, 1)
+    # grad_bias = sum(dz); grad_weight = sum(dz*(x - mean)) / sqrt(var + eps), eps = 0 here:
+    # fp32 sums of ~10^4 terms in blocks of 16 into double totals: ~1e-6 relative
+    torch.testing.assert_close(grad_bias.double(), dz.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_weight.double(),
+                               (dz * xmu).sum(dim=(0, 2, 3)) / var.double().sqrt(), rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("channels", [5, 32], ids=["c5", "c32-tiles"])
 def test_reductions_of_an_empty_batch(backend_name, channels_last, channels):

@@ -355,10 +355,10 @@ std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
 }
 
 // NCHW gradient sums: each channel's planes in runs of up to kPlaneChunk elements, a run's
-// elements taken as rows of kPlaneLanes lanes, each lane summed in fp32 over blocks of
-// kBlockRows rows and each block added to per-lane double totals: the NHWC scheme with lanes in
-// place of channels (as few fp32 terms per block, so the same rounding). Per element double
-// math had made this reduction ~9x slower than the NHWC one (compute-bound).
+// elements taken as rows of kPlaneLanes lanes, per-element math and per-lane sums in double (as
+// before, and as exact), lanes added up at the end. The lanes are what vectorises it: a
+// per-element reduction into one double had made this ~9x slower than the NHWC reduction
+// (compute-bound); by lanes it runs at memory speed like the NHWC one.
 constexpr int64_t kPlaneLanes = 16;
 typedef double PlaneTotals[3][kPlaneLanes];  // sum dz, sum dz*(x - mean), sum (x - mean)
 
@@ -385,23 +385,19 @@ template <typename T>
 void plane_grad_sums(const T* __restrict__ grad, const uint8_t* __restrict__ flags,
                      const T* __restrict__ x, float mean, bool relu, int64_t n,
                      PlaneTotals& totals) {
-  constexpr int64_t L = kPlaneLanes;
-  for (int64_t k0 = 0; k0 < n; k0 += L * kBlockRows) {
-    const int64_t len = std::min(L * kBlockRows, n - k0);
-    float sdz[L] = {}, sdzx[L] = {}, sxmu[L] = {};
-    for (int64_t k = 0; k < len; ++k) {
-      const int64_t e = k0 + k, l = k % L;
-      const float dz = relu_backward(static_cast<float>(grad[e]), flags[e], relu);
-      const float xmu = static_cast<float>(x[e]) - mean;
-      sdz[l] += dz;
-      sdzx[l] += dz * xmu;
-      sxmu[l] += xmu;
-    }
-    for (int64_t l = 0; l < L; ++l) {
-      totals[0][l] += sdz[l];
-      totals[1][l] += sdzx[l];
-      totals[2][l] += sxmu[l];
-    }
+  double sdz[kPlaneLanes] = {}, sdzx[kPlaneLanes] = {}, sxmu[kPlaneLanes] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t l = k % kPlaneLanes;
+    const double dz = relu_backward(static_cast<float>(grad[k]), flags[k], relu);
+    const double xmu = static_cast<double>(static_cast<float>(x[k])) - mean;
+    sdz[l] += dz;
+    sdzx[l] += dz * xmu;
+    sxmu[l] += xmu;
+  }
+  for (int64_t l = 0; l < kPlaneLanes; ++l) {
+    totals[0][l] += sdz[l];
+    totals[1][l] += sdzx[l];
+    totals[2][l] += sxmu[l];
   }
 }
 
@@ -652,36 +648,38 @@ LaneInts mask_lanes_at(const uint8_t* mask, int64_t e) {
   return (LaneInts{} + static_cast<int32_t>(word >> shift) & kLaneBit) != 0;
 }
 
-// plane_grad_sums on fp32 vectors, the ReLU mask read as bits: the same lanes, blocks and order
-// of sums.
+// plane_grad_sums on vectors (16 lanes of fp32 widened to double), the ReLU mask read as bits:
+// the same lanes, math and order of sums.
 void plane_grad_sums_tiles(const float* __restrict__ grad, const uint8_t* __restrict__ mask,
                            const float* __restrict__ x, float mean, bool relu, int64_t first,
                            int64_t n, PlaneTotals& totals) {
-  const Lanes m = broadcast(mean);
-  for (int64_t k0 = 0; k0 < n; k0 += kLanes * kBlockRows) {
-    const int64_t len = std::min(kLanes * kBlockRows, n - k0), rows = len / kLanes;
-    Lanes sdz{}, sdzx{}, sxmu{};
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t e = first + k0 + r * kLanes;
-      const Lanes dz = lanes_relu_backward(load_lanes(grad + e),
-                                           relu ? mask_lanes_at(mask, e) : LaneInts{}, relu);
-      const Lanes xmu = load_lanes(x + e) - m;
-      sdz += dz;
-      sdzx += dz * xmu;
-      sxmu += xmu;
-    }
-    for (int64_t l = 0; l < len - rows * kLanes; ++l) {  // the run's last, partial row
-      const int64_t e = first + k0 + rows * kLanes + l;
-      const bool on = relu && (mask[e / 8] >> (e % 8)) & 1;  // no mask without a ReLU
-      const float dz = relu_backward(grad[e], on, relu);
-      const float xmu = x[e] - mean;
-      sdz[l] += dz;
-      sdzx[l] += dz * xmu;
-      sxmu[l] += xmu;
-    }
-    add_lanes_to(totals[0], sdz);
-    add_lanes_to(totals[1], sdzx);
-    add_lanes_to(totals[2], sxmu);
+  typedef double DLanes __attribute__((vector_size(kLanes * sizeof(double))));
+  const DLanes m = DLanes{} + static_cast<double>(mean);
+  DLanes sdz{}, sdzx{}, sxmu{};
+  const int64_t rows = n / kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t e = first + r * kLanes;
+    const DLanes dz = __builtin_convertvector(
+        lanes_relu_backward(load_lanes(grad + e), relu ? mask_lanes_at(mask, e) : LaneInts{},
+                            relu), DLanes);
+    const DLanes xmu = __builtin_convertvector(load_lanes(x + e), DLanes) - m;
+    sdz += dz;
+    sdzx += dz * xmu;
+    sxmu += xmu;
+  }
+  for (int64_t l = 0; l < n - rows * kLanes; ++l) {  // the run's last, partial row
+    const int64_t e = first + rows * kLanes + l;
+    const bool on = relu && (mask[e / 8] >> (e % 8)) & 1;  // no mask without a ReLU
+    const double dz = relu_backward(grad[e], on, relu);
+    const double xmu = static_cast<double>(x[e]) - mean;
+    sdz[l] += dz;
+    sdzx[l] += dz * xmu;
+    sxmu[l] += xmu;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    totals[0][l] += sdz[l];
+    totals[1][l] += sdzx[l];
+    totals[2][l] += sxmu[l];
   }
 }
 #else

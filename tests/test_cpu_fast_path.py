@@ -12,6 +12,7 @@ from torch import nn
 
 import fused_resnet as fr
 from fused_resnet.modules import stage
+from fused_resnet.modules.conv_bn_act import Bounds
 from fused_resnet.ops import conv as conv_ops
 from fused_resnet.ops import conv_mkldnn
 from fused_resnet.verify import compare
@@ -113,6 +114,56 @@ def test_resnet50_donates_between_blocks_and_into_its_projections(monkeypatch):
     spy = _Spy(monkeypatch)
     _check("resnet50", fused, model, torch.randn(2, 3, 64, 64).contiguous(memory_format=CL))
     assert len(spy.into_residual) == 16
+
+
+def _count_measured_maps(monkeypatch) -> list:
+    """Records the shape of every feature map (4-D tensor) conv_mkldnn.max_abs measures: the
+    NaN guard's passes over activations (per-channel shifts are 1-D)."""
+    measured = []
+    real = conv_mkldnn.max_abs
+
+    def spy(t):
+        if t is not None and t.dim() == 4:
+            measured.append(tuple(t.shape))
+        return real(t)
+
+    monkeypatch.setattr(conv_mkldnn, "max_abs", spy)
+    return measured
+
+
+@pytest.mark.parametrize("limit, measured_maps",
+                         [(0.0, [17]), (float("inf"), [5]), (Bounds.HANDOVER_LIMIT, range(5, 17))],
+                         ids=["never-taken", "always-taken", "default"])
+def test_stage_hands_each_blocks_output_bound_to_the_next(monkeypatch, limit, measured_maps):
+    """ResNet-50: with the previous block's output goes its bound, so a block measures its input
+    (one pass) only where nobody handed a bound over: the stem's input and each stage's first
+    block (1 + 4) when every handed bound is taken, every block's input as well (1 + 16) when
+    none is; and only bounds under Bounds.HANDOVER_LIMIT are taken (default: some)."""
+    model = _model("resnet50").to(memory_format=CL)
+    fused = fr.fuse_(copy.deepcopy(model))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    _check("resnet50", fused, model, x)  # prepacks: the counts below are of a warm model
+    monkeypatch.setattr(Bounds, "HANDOVER_LIMIT", limit)
+    measured = _count_measured_maps(monkeypatch)
+    _check("resnet50", fused, model, x)
+    assert len(measured) in measured_maps, measured
+
+
+def test_handed_over_bounds_keep_nan_and_inf(monkeypatch):
+    """Every handed bound taken: a NaN or inf in an image still comes out where PyTorch's does
+    (the stage's input is measured, and a non-finite bound is never taken), and so does an
+    image that overflows inside the network."""
+    monkeypatch.setattr(Bounds, "HANDOVER_LIMIT", float("inf"))
+    model = _model("resnet50").to(memory_format=CL)
+    fused = fr.fuse_(copy.deepcopy(model))
+    x = torch.randn(3, 3, 64, 64)
+    x[0, 1, 7, 9], x[1, 0, 3, 3] = float("nan"), float("inf")
+    x[2] *= 3e37
+    x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        got, want = fused(x), model(x)
+    assert not want.isfinite().any(dim=1).all(), "the batch must give PyTorch non-finite images"
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
 def test_tensors_a_hook_or_the_caller_holds_are_never_overwritten(monkeypatch):

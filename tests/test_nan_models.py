@@ -107,16 +107,16 @@ def test_bound_keeps_the_post_op_for_ordinary_inputs():
     """The guard must not cost the fast path: for ordinary activations and weights the bound is
     far below SAFE_BOUND (so oneDNN's fused ReLU runs), and any NaN or inf operand fails it."""
     x, w, bias = torch.randn(8, 64, 14, 14).relu(), torch.randn(64, 64, 3, 3) / 24, torch.randn(64)
-    bound = conv_mkldnn.output_bound(conv_mkldnn.max_abs(x), conv_mkldnn.weight_gain(w), bias,
-                                     conv_mkldnn.max_abs(x))
+    bound = conv_mkldnn.output_bound(conv_mkldnn.max_abs(x), conv_mkldnn.weight_gain(w),
+                                     conv_mkldnn.max_abs(bias), conv_mkldnn.max_abs(x))
     assert conv_mkldnn.keeps_finite(bound)
     assert abs(F.conv2d(x, w, bias, 1, 1) + x).max() <= bound
     for bad in (math.nan, math.inf, -math.inf):
         x_bad = x.clone()
         x_bad[3, 2, 1, 0] = bad
         assert not conv_mkldnn.keeps_finite(conv_mkldnn.output_bound(
-            conv_mkldnn.max_abs(x_bad), conv_mkldnn.weight_gain(w), bias))
+            conv_mkldnn.max_abs(x_bad), conv_mkldnn.weight_gain(w), conv_mkldnn.max_abs(bias)))
     w_bad = w.clone()
     w_bad[0, 0, 0, 0] = math.nan
     assert not conv_mkldnn.keeps_finite(conv_mkldnn.output_bound(
-        conv_mkldnn.max_abs(x), conv_mkldnn.weight_gain(w_bad), bias))
+        conv_mkldnn.max_abs(x), conv_mkldnn.weight_gain(w_bad), conv_mkldnn.max_abs(bias)))

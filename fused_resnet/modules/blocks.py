@@ -126,32 +126,48 @@ class FusedBlock(DropsDerivedCaches, nn.Module):
         unfused.copy_backward_hook_kind(self, block)  # the hooks themselves are shared
         return block.train(self.training)
 
-    # The tensor a FusedSequential donated for the next call: a plain attribute read and
-    # assigned (not __dict__.pop), which every supported torch.compile traces
+    # The tensor a FusedSequential donated for the next call and the bound on its values it
+    # handed over with it (or None); the bound this block computed for its last output (None
+    # when it knows none): plain attributes read and assigned (not __dict__.pop), which every
+    # supported torch.compile traces
     _donated = None
+    _donated_bound = None
+    _output_bound = None
 
-    def donate(self, x: Tensor) -> None:
+    def donate(self, x: Tensor, bound: Optional[float] = None) -> None:
         """Called by a FusedSequential just before it calls this block with x: nobody else
-        holds x, so the block may overwrite it."""
-        self._donated = x
+        holds x, so the block may overwrite it; `bound`: an upper bound on |x| if known (the
+        previous block's output_bound), which spares the block measuring x (Bounds)."""
+        self._donated, self._donated_bound = x, bound
 
     def withdraw(self) -> None:
         """Called by the FusedSequential once the call returned or raised."""
-        self._donated = None
+        self._donated = self._donated_bound = None
+
+    def output_bound(self) -> Optional[float]:
+        """An upper bound on |output| of this block's last call, where the CPU inference fast
+        path computed one (else None). Valid only for that output, until anything changes it:
+        a FusedSequential reads it right after the call, when it may donate the output."""
+        return self._output_bound
 
     def forward(self, x: Tensor) -> Tensor:
         donated = self._donated is x
-        self._donated = None
+        bounds = Bounds()
+        if donated:
+            bounds.take_handed_over(x, self._donated_bound)
+        self._donated = self._donated_bound = self._output_bound = None
         why = unfused.reason(self, x)
         if why is not None:  # hooks on inner modules, or FX tracing: fused_resnet.modules.unfused
             unfused.say_once(self, why)
             return self.block_type().forward(self, x)
-        return functional.with_running_stats_updates(self._forward, x, donated)
+        out = functional.with_running_stats_updates(self._forward, x, donated, bounds)
+        self._output_bound = bounds.known(out)
+        return out
 
     def __prepare_scriptable__(self):
         raise unfused.scripting_error(self)
 
-    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
+    def _forward(self, x: Tensor, donated: bool, bounds: Bounds, updates: list) -> Tensor:
         raise NotImplementedError
 
     def _identity(self, x: Tensor, donated: bool, updates: list,
@@ -187,8 +203,7 @@ class FusedBasicBlock(FusedBlock):
     def block_type(cls):
         return tv.BasicBlock
 
-    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
-        bounds = Bounds()
+    def _forward(self, x: Tensor, donated: bool, bounds: Bounds, updates: list) -> Tensor:
         identity, writable = self._identity(x, donated, updates, bounds)
         return conv_bn_relu_chain(self._steps(2), x, residual=identity, updates=updates,
                                   residual_writable=writable, bounds=bounds)
@@ -204,8 +219,8 @@ class FusedPlainBlock(FusedBlock):
     def block_type(cls):
         return PlainBlock
 
-    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
-        return conv_bn_relu_chain(self._steps(2), x, updates=updates)
+    def _forward(self, x: Tensor, donated: bool, bounds: Bounds, updates: list) -> Tensor:
+        return conv_bn_relu_chain(self._steps(2), x, updates=updates, bounds=bounds)
 
 
 class FusedBottleneck(FusedBlock):
@@ -219,8 +234,7 @@ class FusedBottleneck(FusedBlock):
     def block_type(cls):
         return tv.Bottleneck
 
-    def _forward(self, x: Tensor, donated: bool, updates: list) -> Tensor:
-        bounds = Bounds()
+    def _forward(self, x: Tensor, donated: bool, bounds: Bounds, updates: list) -> Tensor:
         if norms.uses_batch_statistics(self.bn3):
             identity, writable = self._identity(x, donated, updates, bounds)
             return conv_bn_relu_chain(self._steps(3), x, residual=identity, updates=updates,

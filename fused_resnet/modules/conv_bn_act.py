@@ -95,8 +95,9 @@ def prepacked_applies(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual,
 class Bounds:
     """Upper bounds on |t| for the tensors the CPU inference fast path passes between the
     steps of one block (or one standalone step): measured once for a tensor that comes from
-    outside (conv_mkldnn.max_abs), computed for each step's output (conv_mkldnn.output_bound;
-    inf where the output may not be finite). Tensors are matched by identity."""
+    outside (conv_mkldnn.max_abs) unless the previous block of a stage handed its output's
+    bound over with it, computed for each step's output (conv_mkldnn.output_bound; inf where
+    the output may not be finite). Tensors are matched by identity."""
 
     def __init__(self):
         self._known: list = []  # [(tensor, bound)]
@@ -115,12 +116,26 @@ class Bounds:
         """t's bound (t may be a tensor written in place: its old bound is dropped)."""
         self._known = [(k, b) for k, b in self._known if k is not t] + [(t, bound)]
 
+    def known(self, t: Tensor) -> Optional[float]:
+        """t's bound if one was measured or set here, else None (nothing is measured)."""
+        return next((b for k, b in self._known if k is t), None)
+
+    # A bound handed over with a block's input (the previous block's output bound) is taken
+    # only while it leaves 2^50 of room below SAFE_BOUND for the block's own growth (a
+    # ResNet-50 block multiplies it by 2^10-2^17): past that, one pass measuring the input
+    # costs less than a conv that loses its ReLU post-op to a loose bound.
+    HANDOVER_LIMIT = conv_mkldnn.SAFE_BOUND * 2.0 ** -50
+
+    def take_handed_over(self, t: Tensor, bound: Optional[float]) -> None:
+        if bound is not None and bound <= self.HANDOVER_LIMIT:
+            self.set(t, bound)
+
 
 def _prepacked_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, cache: dict):
-    """(x, prepacked folded weight, shift, the folded weight's gain) for the oneDNN fast path:
-    x in the autocast dtype, the weight folded, cast to x's dtype and reordered for x's shape
-    and layout once; kept in `cache` until the folded weights change or the input's shape,
-    dtype or layout does."""
+    """(x, prepacked folded weight, shift, the folded weight's gain, max |shift|) for the oneDNN
+    fast path: x in the autocast dtype, the weight folded, cast to x's dtype and reordered for
+    x's shape and layout once; kept in `cache` until the folded weights change or the input's
+    shape, dtype or layout does."""
     weight, shift = folded_weights(conv, bn, cache)
     x, weight = _autocast(x, weight)
     key = (cache["key"], x.dtype, tuple(x.shape), layout.kernel_format(x))
@@ -130,17 +145,18 @@ def _prepacked_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, cache: di
         # one assignment of (key, weight, gain): a thread serving the same module never reads
         # a weight under another shape's key
         entry = (key, conv_mkldnn.prepack(weight.to(x.dtype), stride, padding, dilation, groups,
-                                          x), conv_mkldnn.weight_gain(weight))
+                                          x), conv_mkldnn.weight_gain(weight),
+                 conv_mkldnn.max_abs(shift))
         cache["packed"] = entry
-    return x, entry[1], shift, entry[2]
+    return x, entry[1], shift, entry[2], entry[3]
 
 
 def _conv_bn_act_prepacked(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor,
                            residual: Optional[Tensor], relu: bool, cache: dict,
                            residual_writable: bool, bounds: Bounds) -> Tensor:
     bound = bounds.of(x)  # before the autocast cast, which makes a new tensor
-    x, weight, shift, gain = _prepacked_weights(conv, bn, x, cache)
-    bound = conv_mkldnn.output_bound(bound, gain, shift, bounds.of(residual))
+    x, weight, shift, gain, shift_bound = _prepacked_weights(conv, bn, x, cache)
+    bound = conv_mkldnn.output_bound(bound, gain, shift_bound, bounds.of(residual))
     stride, padding, dilation, groups = _conv_args(conv)
     out = conv_mkldnn.conv2d_act(x, weight, shift, stride, padding, dilation, groups,
                                  residual, relu, into_residual=residual_writable, bound=bound)

@@ -12,7 +12,9 @@ tensor it created) without forward hooks on it or on its inner modules, the next
 block without forward pre-hooks, no global module hooks are registered (any of those could keep
 the tensor), the tensor is a plain Tensor that autograd does not record (backward may need it),
 and nothing is tracing or compiling (a graph decides its own buffers). The stage's own input is
-never donated: the caller holds it. Same children, state_dict keys and hooks as the
+never donated: the caller holds it. With a donated tensor goes the bound on its values that the
+previous block computed for it (the NaN guard of the CPU inference path,
+fused_resnet.modules.conv_bn_act.Bounds), which spares the next block a pass measuring it. Same children, state_dict keys and hooks as the
 nn.Sequential it was; fuse_ changes the class of the Sequential in place and unfuse_ changes it
 back.
 """
@@ -50,13 +52,13 @@ class FusedSequential(nn.Sequential):
     def forward(self, input):
         if _tracing() or unfused.global_hooks():
             return super().forward(input)
-        donatable = False  # the stage's input belongs to the caller
+        donatable, bound = False, None  # the stage's input belongs to the caller
         for module in self:
             # judged before the call: a hook that removes itself while running may keep the
             # output all the same
             gives = _gives_own_output(module)
             if donatable and _can_take(module):
-                module.donate(input)
+                module.donate(input, bound)
                 try:
                     input = module(input)
                 finally:
@@ -64,6 +66,8 @@ class FusedSequential(nn.Sequential):
             else:
                 input = module(input)
             donatable = gives and _can_give(input)
+            # what nobody else held, nobody else changed: its bound still holds
+            bound = module.output_bound() if donatable else None
         return input
 
     def __prepare_scriptable__(self):

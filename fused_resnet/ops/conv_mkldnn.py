@@ -136,11 +136,11 @@ def weight_gain(weight: Tensor) -> float:
     return gain * (1.0 + 2.0 ** -10)
 
 
-def output_bound(input_bound: float, gain: float, bias: Optional[Tensor],
+def output_bound(input_bound: float, gain: float, bias_bound: float,
                  residual_bound: float = 0.0) -> float:
-    """An upper bound on |conv(x, w) + bias + residual| from bounds on |x| and |residual|
-    (NaN or inf when any of them is not finite)."""
-    return input_bound * gain + max_abs(bias) + residual_bound
+    """An upper bound on |conv(x, w) + bias + residual| from bounds on |x|, |bias| and
+    |residual| (NaN or inf when any of them is not finite)."""
+    return input_bound * gain + bias_bound + residual_bound
 
 
 def keeps_finite(bound: float) -> bool:
@@ -191,7 +191,8 @@ def conv2d_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pa
     bound says the output is finite (module docstring), so NaN and inf come out as from
     torch.relu."""
     if relu and bound is None:
-        bound = output_bound(max_abs(input), weight_gain(weight), bias, max_abs(residual))
+        bound = output_bound(max_abs(input), weight_gain(weight), max_abs(bias),
+                             max_abs(residual))
     if relu and not keeps_finite(bound):
         out = conv2d_act(input, weight, bias, stride, padding, dilation, groups, residual,
                          relu=False, into_residual=into_residual)

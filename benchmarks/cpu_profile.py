@@ -12,7 +12,6 @@ what the fused model saves (negative) or adds (positive) against eager, op by op
 
 import argparse
 import datetime
-import platform
 import sys
 
 import torch
@@ -20,6 +19,7 @@ import torchvision
 
 import fused_resnet
 from fused_resnet.bench import providers
+from fused_resnet.bench.environment import device_name
 
 TOP = 40
 
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     per_op, wall = profile(args.mode, args.image_size, args.batch, args.steps)
     header = (f"# ResNet-50 {args.mode} step on CPU, per-op profile\n\n"
-              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, fused_resnet "
+              f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, "
+              f"fused_resnet "
               f"{fused_resnet.__version__}, fp32, batch {args.batch}, {args.image_size}px, "
               f"{args.steps} profiled steps each, interleaved.\n\n"
               f"Command: `python benchmarks/cpu_profile.py --mode {args.mode} --image-size "

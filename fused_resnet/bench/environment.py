@@ -11,7 +11,22 @@ import torch
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    model = _cpu_model()
+    return f"cpu: {model + ', ' if model else ''}{platform.processor() or platform.machine()} " \
+        f"({torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name where Linux says it (/proc/cpuinfo), else "": on the same shared
+    machine kind, runs landed on AMD and on Intel CPUs, whose numbers do not compare."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def environment(device: str) -> dict:

@@ -10,6 +10,8 @@
                    default provider on CPU). Inference only: freezing does not apply to
                    training graphs, where it would repeat `compile`.
     fused          fr.fuse_(eager_cl), backend auto
+    fused_nchw     fr.fuse_(eager): the fused model of an NCHW model, as fuse_ of a torchvision
+                   model gives it unless the user converts it (opt-in; compare with eager)
     fused_compile  torch.compile(fused), default mode
     fused_cuda     fused, forced to the C++/CUDA kernels: BN ops, and the CUTLASS convs
                    wherever they apply (when built with CUTLASS; library convs elsewhere)
@@ -32,7 +34,8 @@ from fused_resnet import backend
 
 DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cuda", "fused_triton")
 CPU_DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "compile_freeze", "fused")
-ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_freeze", "compile_max", "fused_compile")
+ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_freeze", "compile_max", "fused_compile",
+                                     "fused_nchw")
 BASELINE = "eager_cl"
 
 
@@ -105,6 +108,8 @@ def build(name: str, model: nn.Module, device: str, dtype: torch.dtype) -> Runne
     model = copy.deepcopy(model).to(device)
     if name == "eager":
         return Runner(name, model, device, dtype, channels_last=False)
+    if name == "fused_nchw":
+        return Runner(name, fr.fuse_(model), device, dtype, channels_last=False)
     model = model.to(memory_format=torch.channels_last)
     if name == "eager_cl":
         return Runner(name, model, device, dtype, True)

@@ -274,11 +274,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_grad_reduce(
   return {k, b, c, grad_weight, grad_bias};
 }
 
-std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const Tensor& mask_in,
-                                                  const Tensor& x_in, const Tensor& mean_in,
-                                                  const Tensor& k_in, const Tensor& b_in,
-                                                  const Tensor& c_in, bool relu,
-                                                  bool residual_grad) {
+// into_grad: the input gradient written over `grad` itself (see
+// bn_add_relu_grad_apply_into_grad), which must then be dense in the input's kernel layout.
+std::tuple<Tensor, Tensor> grad_apply(const Tensor& grad_in, const Tensor& mask_in,
+                                      const Tensor& x_in, const Tensor& mean_in,
+                                      const Tensor& k_in, const Tensor& b_in, const Tensor& c_in,
+                                      bool relu, bool residual_grad, bool into_grad) {
   const GradInputs in = grad_inputs(grad_in, mask_in, x_in, mean_in, relu);
   const Tensor &x = in.x, &grad = in.grad, &mean = in.mean;
   const auto fmt = in.fmt;
@@ -287,7 +288,12 @@ std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const T
   const Tensor k = per_channel(k_in, x, "k");
   const Tensor b = per_channel(b_in, x, "b");
   const Tensor c = per_channel(c_in, x, "c");
-  Tensor dx = empty_like_format(x, fmt);
+  TORCH_CHECK(!into_grad || grad.is_same(grad_in),
+              "fused_resnet: bn_add_relu_grad_apply_into_grad: grad must be dense in the input's "
+              "memory format, of its dtype (got strides ", grad_in.strides(), ", ",
+              grad_in.scalar_type(), ")");
+  // Each element's gradient is read before its result is written, at the same place.
+  Tensor dx = into_grad ? grad : empty_like_format(x, fmt);
   Tensor dres = residual_grad ? empty_like_format(x, fmt) : at::empty({0}, x.options());
   void* dres_ptr = residual_grad ? dres.mutable_data_ptr() : nullptr;
 #ifdef FR_WITH_CUDA
@@ -309,6 +315,25 @@ std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad_in, const T
   return {dx, dres};
 }
 
+std::tuple<Tensor, Tensor> bn_add_relu_grad_apply(const Tensor& grad, const Tensor& mask,
+                                                  const Tensor& x, const Tensor& mean,
+                                                  const Tensor& k, const Tensor& b,
+                                                  const Tensor& c, bool relu,
+                                                  bool residual_grad) {
+  return grad_apply(grad, mask, x, mean, k, b, c, relu, residual_grad, false);
+}
+
+// bn_add_relu_grad_apply's input gradient written over `grad` (returned): for a caller that
+// alone holds `grad` (the CPU training step's conv input gradient; never an incoming gradient,
+// which autograd may share). A CPU kernel writing fresh memory took ~1.8x as long as in place
+// (8x256x56x56 fp32 channels_last: 1.68 vs 0.95 ms on a 2-core Intel Xeon).
+Tensor& bn_add_relu_grad_apply_into_grad(Tensor& grad, const Tensor& mask, const Tensor& x,
+                                         const Tensor& mean, const Tensor& k, const Tensor& b,
+                                         const Tensor& c, bool relu) {
+  grad_apply(grad, mask, x, mean, k, b, c, relu, false, true);
+  return grad;
+}
+
 }  // namespace
 }  // namespace fused_resnet
 
@@ -327,13 +352,18 @@ TORCH_LIBRARY_FRAGMENT(fused_resnet, m) {
       "bn_add_relu_grad_apply_cpp(Tensor grad, Tensor mask, Tensor input, Tensor mean, "
       "Tensor k, Tensor b, Tensor c, bool relu, bool residual_grad) "
       "-> (Tensor grad_input, Tensor grad_residual)");
+  m.def(
+      "bn_add_relu_grad_apply_into_grad_cpp(Tensor(a!) grad, Tensor mask, Tensor input, "
+      "Tensor mean, Tensor k, Tensor b, Tensor c, bool relu) -> Tensor(a!)");
 }
 
 #define FR_REGISTER_KERNELS(m)                                                        \
   m.impl("bn_stats_cpp", &fused_resnet::bn_stats);                                    \
   m.impl("bn_add_relu_apply_cpp", &fused_resnet::bn_add_relu_apply);                  \
   m.impl("bn_add_relu_grad_reduce_cpp", &fused_resnet::bn_add_relu_grad_reduce);      \
-  m.impl("bn_add_relu_grad_apply_cpp", &fused_resnet::bn_add_relu_grad_apply)
+  m.impl("bn_add_relu_grad_apply_cpp", &fused_resnet::bn_add_relu_grad_apply);        \
+  m.impl("bn_add_relu_grad_apply_into_grad_cpp",                                      \
+         &fused_resnet::bn_add_relu_grad_apply_into_grad)
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { FR_REGISTER_KERNELS(m); }
 

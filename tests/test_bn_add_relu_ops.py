@@ -381,6 +381,30 @@ def test_reductions_merge_partials(backend_name, channels_last, small_triton_til
 
 
 
+@pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None, reason="fused_resnet._C is not built")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels", [5, 32], ids=["c5", "c32-tiles"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_grad_apply_into_grad_is_the_grad_apply(channels_last, dtype, channels, relu):
+    """The CPU training step's in-place gradient apply (bn_add_relu_grad_apply_into_grad_cpp):
+    bitwise grad_apply's input gradient, written over `grad` and returned (same storage, same
+    strides); a grad not dense in the input's layout is refused, not copied."""
+    torch.manual_seed(0)
+    args = piece_inputs((3, channels, 7, 9), dtype, channels_last,
+                        relu)["bn_add_relu_grad_apply"]
+    grad, mask, x, mean, k, b, c, relu, _ = args
+    want, _ = ops.bn_add_relu_grad_apply_cpp(grad, mask, x, mean, k, b, c, relu, False)
+    buffer = grad.clone(memory_format=layout.kernel_format(x))
+    got = ops.bn_add_relu_grad_apply_into_grad_cpp(buffer, mask, x, mean, k, b, c, relu)
+    assert got.data_ptr() == buffer.data_ptr() and buffer.stride() == want.stride()
+    assert torch.equal(buffer, want)
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    with pytest.raises(RuntimeError, match="dense in the input's memory format"):
+        ops.bn_add_relu_grad_apply_into_grad_cpp(grad.contiguous(memory_format=other), mask, x,
+                                                 mean, k, b, c, relu)
+
+
 @pytest.mark.parametrize("backend_name", cpu_backend_params())
 @pytest.mark.parametrize("shape", [(3, 5, 7, 7), (2, 3, 70, 70)], ids=["planes49", "planes4900"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])

@@ -268,9 +268,15 @@ def _fake_step(input, residual, weight, bias, mean, var, eps, relu, save_mask):
     return _fake_forward(input, residual, weight, bias, mean, var, True, eps, relu, save_mask)
 
 
+def _fake_into_grad(grad, mask, input, mean, k, b, c, relu):
+    return grad  # the gradient apply written over `grad` (the training step's own buffer)
+
+
 if _extension.available():
     torch.library.register_fake("fused_resnet::bn_add_relu_step")(_fake_step)
     torch.library.register_fake("fused_resnet::bn_add_relu_step_backward")(_fake_backward)
+    torch.library.register_fake("fused_resnet::bn_add_relu_grad_apply_into_grad_cpp")(
+        _fake_into_grad)
 
 
 def _setup_context(ctx, inputs, output):

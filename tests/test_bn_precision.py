@@ -69,3 +69,38 @@ def test_statistics_merged_in_double(channels_last):
     assert ((mean.double() - mean64).abs() <= ulp / 2 * 1.01).all(), \
         (mean.double() - mean64).abs() / ulp
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("channels", [5, 32], ids=["c5", "c32-tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_statistics_when_the_first_rows_are_outliers(channels, dtype):
+    """The channels_last statistics sum deviations from the mean of a channel's first 32 rows
+    in one pass and subtract the shift's share; here those rows sit 30 standard deviations off
+    the other 65504, so that share is ~600x the variance's and the one-pass variance would be
+    ~600x less exact: the kernel sums again around the mean and keeps PyTorch's precision."""
+    if backend.why_not("cpp", "cpu"):
+        pytest.skip(backend.why_not("cpp", "cpu"))
+    g = torch.Generator().manual_seed(2)
+    x = 3.0 + 0.01 * torch.randn(64, channels, 32, 32, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last).to(dtype)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: rows of the storage
+    rows[:32] += 0.3
+    assert rows.data_ptr() == x.data_ptr()
+    mean, var, _, _ = torch.ops.fused_resnet.bn_stats_cpp(x, None, None, 1e-5)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=2 ** -23, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-6, atol=0)
+
+
+def test_nchw_statistics_of_a_plane_led_by_an_outlier():
+    """NCHW sums each plane's deviations from its first value in double: an extreme first value
+    (1e6 standard deviations off) costs at most log2(plane size) of double's 53 bits."""
+    if backend.why_not("cpp", "cpu"):
+        pytest.skip(backend.why_not("cpp", "cpu"))
+    g = torch.Generator().manual_seed(3)
+    x = -7.0 + 0.01 * torch.randn(2, 3, 64, 64, generator=g)
+    x[:, :, 0, 0] += 1e4
+    mean, var, _, _ = torch.ops.fused_resnet.bn_stats_cpp(x, None, None, 1e-5)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=2 ** -23, atol=0)
+    torch.testing.assert_close(var.double(), var64, rtol=2 ** -23, atol=0)

@@ -25,11 +25,10 @@ namespace {
 // whatever the number of threads.
 constexpr int64_t kChunk = 4096;            // elements per elementwise chunk (multiple of 8)
 constexpr int64_t kChunksPerTask = 4;       // grain of the elementwise parallel loop
-// NHWC reductions: rows per partial result ~ this / C. Big: every chunk costs a few divisions
-// per channel (its mean, then Chan's merge) and a partial result of C entries, which at 32768
-// made the statistics of a 1024-channel layer ~2.5x slower than ATen's; the sums are double,
-// whose rounding does not need short chunks. 512 KB of fp32: the statistics' second pass over
-// a chunk still finds it in a 1 MB L2.
+// NHWC reductions: rows per partial result ~ this / C. Big: every chunk costs a partial result
+// of C entries and its merge (at 32768, when chunks also took divisions per channel, the
+// statistics of a 1024-channel layer were ~2.5x slower than ATen's); the sums are double, whose
+// rounding does not need short chunks.
 constexpr int64_t kNhwcChunkElements = 131072;
 constexpr int64_t kPlaneChunk = 4096;       // NCHW reductions: plane elements per partial
 constexpr int64_t kMergesPerTask = 32768;   // NHWC reductions: partial results merged per task
@@ -203,21 +202,23 @@ void merge(SumsAcc& a, const SumsAcc& b) {
   a.sum_xmu += b.sum_xmu;
 }
 
-// A channel's statistics over n contiguous elements: the mean, then the sum of squared
-// deviations from it (two passes over cache-resident data, per-lane partial sums).
+// A channel's statistics over n contiguous elements in one pass: double sums (per-lane partial
+// sums) of the deviations from the first element and of their squares, then mean = shift +
+// s1/n and m2 = s2 - s1^2/n. The subtraction amplifies s2's relative rounding (~n 2^-53) by
+// s2 / m2 = 1 + n (x[0] - mean)^2 / m2 <= 1 + n, since (x[0] - mean)^2 is one of m2's terms:
+// for n <= kPlaneChunk, below 2^-28, far under the fp32 result's rounding.
 template <typename T>
 StatsAcc chunk_stats(const T* __restrict__ x, int64_t n) {
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(static_cast<float>(x[k]));
-  const double mean = sum / static_cast<double>(n);
-  double m2 = 0.0;
-#pragma omp simd reduction(+ : m2)
+  const double shift = static_cast<float>(x[0]);
+  double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
   for (int64_t k = 0; k < n; ++k) {
-    const double d = static_cast<double>(static_cast<float>(x[k])) - mean;
-    m2 += d * d;
+    const double d = static_cast<double>(static_cast<float>(x[k])) - shift;
+    s1 += d;
+    s2 += d * d;
   }
-  return StatsAcc{mean, m2, n};
+  const double offset = s1 / static_cast<double>(n);
+  return StatsAcc{shift + offset, s2 - s1 * offset, n};
 }
 
 template <typename T>
@@ -272,23 +273,18 @@ void flush_block(double* __restrict__ total, float* __restrict__ part, int64_t C
   }
 }
 
-// sum[c] += x[r*C + c] - shift[c] over `rows` rows: deviations from a value of the channel
-// (exact near it), so a channel whose mean is large against its spread sums small numbers.
+// s1[c] += x[r*C + c] - shift[c] and s2[c] += (x[r*C + c] - shift[c])^2 over `rows` rows:
+// deviations from a value near the channel's mean, so a channel whose mean is large against its
+// spread sums small numbers.
 template <typename T>
-void sum_rows(const T* __restrict__ x, int64_t rows, int64_t C, const float* __restrict__ shift,
-              float* __restrict__ sum) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]) - shift[c];
-}
-
-// m2[c] += (x[r*C + c] - mean[c])^2 over `rows` rows.
-template <typename T>
-void squared_deviations_rows(const T* __restrict__ x, int64_t rows, int64_t C,
-                             const float* __restrict__ mean, float* __restrict__ m2) {
+void deviation_sums_rows(const T* __restrict__ x, int64_t rows, int64_t C,
+                         const float* __restrict__ shift, float* __restrict__ s1,
+                         float* __restrict__ s2) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
-      const float d = static_cast<float>(x[r * C + c]) - mean[c];
-      m2[c] += d * d;
+      const float d = static_cast<float>(x[r * C + c]) - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
     }
 }
 
@@ -314,44 +310,90 @@ void for_each_block(int64_t r0, int64_t r1, Block block) {
   for (int64_t r = r0; r < r1; r += kBlockRows) block(r, std::min(kBlockRows, r1 - r));
 }
 
-// The statistics of rows [r0, r1) of a channels_last tensor: the mean from sums around the first
-// row's values, then the squared deviations from the fp32-rounded mean (exact where x is near
-// it) with the rounding's own share taken out: sum (x - m)^2 = sum (x - rounded)^2 -
-// n*(m - rounded)^2. add_blocks(centre, square, totals) adds sum (x - centre[c]) (or its
-// square) over the rows to totals[c], in fp32 blocks of kBlockRows rows.
-template <typename T, typename AddBlocks>
-void stats_chunk(const T* x, int64_t r0, int64_t r1, int64_t C, AddBlocks add_blocks,
-                 StatsAcc* out) {
-  std::vector<double> sum(C, 0.0), m2(C, 0.0);
-  std::vector<float> mean(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[r0 * C + c]);
-  add_blocks(shift.data(), false, sum.data());
-  const double n = static_cast<double>(r1 - r0);
-  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(shift[c]) * n;
-  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / n);
-  add_blocks(mean.data(), true, m2.data());
-  for (int64_t c = 0; c < C; ++c) {
-    const double m = sum[c] / n, off = m - static_cast<double>(mean[c]);
-    out[c] = StatsAcc{m, m2[c] - n * off * off, r1 - r0};
-  }
+// A channel's sums of deviations from a shift and of their squares (NHWC statistics).
+struct DeviationSums {
+  double s1 = 0.0;
+  double s2 = 0.0;
+};
+
+void merge(DeviationSums& a, const DeviationSums& b) {
+  a.s1 += b.s1;
+  a.s2 += b.s2;
 }
 
+// Rows whose mean is the shift of the NHWC statistics (stats_nhwc).
+constexpr int64_t kShiftRows = 32;
+
+// The cancelled share of the squares' sum above which stats_nhwc sums again around the mean:
+// m2 = s2 - s1^2/n amplifies the fp32 block sums' relative rounding by s2 / m2, here at most 2x.
+constexpr double kMaxCancelled = 0.5;
+
+// The deviation sums of rows [r0, r1) around shift[c], in fp32 blocks of kBlockRows rows added
+// to double totals.
 template <typename T>
-std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g) {
-  const int64_t C = g.channels;
-  return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
-    std::vector<float> part(C, 0.f);
-    const auto add_blocks = [&](const float* centre, bool square, double* totals) {
-      for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
-        if (square)
-          squared_deviations_rows(x + r * C, rows, C, centre, part.data());
-        else
-          sum_rows(x + r * C, rows, C, centre, part.data());
-        flush_block(totals, part.data(), C);
-      });
-    };
-    stats_chunk(x, r0, r1, C, add_blocks, out);
+void deviation_sums_chunk(const T* x, int64_t r0, int64_t r1, int64_t C, const float* shift,
+                          DeviationSums* out) {
+  std::vector<float> p1(C, 0.f), p2(C, 0.f);
+  std::vector<double> s1(C, 0.0), s2(C, 0.0);
+  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+    deviation_sums_rows(x + r * C, rows, C, shift, p1.data(), p2.data());
+    flush_block(s1.data(), p1.data(), C);
+    flush_block(s2.data(), p2.data(), C);
   });
+  for (int64_t c = 0; c < C; ++c) out[c] = DeviationSums{s1[c], s2[c]};
+}
+
+// The per-channel mean of the first kShiftRows rows, rounded to fp32 (summed in double: values
+// near fp32's largest do not overflow).
+template <typename T>
+std::vector<float> first_rows_mean(const T* x, int64_t rows, int64_t C) {
+  const int64_t n = std::min(kShiftRows, rows);
+  std::vector<double> sum(C, 0.0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]);
+  std::vector<float> mean(C);
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / static_cast<double>(n));
+  return mean;
+}
+
+// Whether some channel's sums cancel past kMaxCancelled (a NaN or inf sum does not: its
+// statistics are NaN either way).
+bool sums_cancel(const std::vector<DeviationSums>& sums, double n) {
+  for (const DeviationSums& d : sums)
+    if (d.s1 * (d.s1 / n) > kMaxCancelled * d.s2) return true;
+  return false;
+}
+
+// The statistics of a channels_last tensor in one pass: the sums of every channel's deviations
+// from a shift near its mean (its first rows' mean) and of their squares, by chunks of rows
+// (chunk_sums(shift, r0, r1, out)) merged in chunk order, then mean = shift + s1/n and
+// m2 = s2 - s1^2/n. s1^2/n is the share of s2 that the shift's distance from the mean adds (at
+// most n/kShiftRows times m2; above m2 in a fraction ~1.5e-8 of normal channels): where it passes
+// kMaxCancelled of s2 in some channel, the sums are taken again around the means.
+template <typename T, typename ChunkSums>
+std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g, ChunkSums chunk_sums) {
+  const int64_t C = g.channels, rows = g.outer;
+  if (rows == 0) return std::vector<StatsAcc>(C);  // no values: count 0, NaN statistics
+  const double n = static_cast<double>(rows);
+  std::vector<float> shift = first_rows_mean(x, rows, C);
+  const auto sums_around = [&](const std::vector<float>& centre) {
+    return reduce_nhwc<DeviationSums>(g, [&](int64_t r0, int64_t r1, DeviationSums* out) {
+      chunk_sums(centre.data(), r0, r1, out);
+    });
+  };
+  std::vector<DeviationSums> sums = sums_around(shift);
+  if (sums_cancel(sums, n)) {
+    for (int64_t c = 0; c < C; ++c)
+      shift[c] = static_cast<float>(static_cast<double>(shift[c]) + sums[c].s1 / n);
+    sums = sums_around(shift);
+  }
+  std::vector<StatsAcc> result(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double offset = sums[c].s1 / n;  // the mean's distance from the shift
+    result[c] = StatsAcc{static_cast<double>(shift[c]) + offset,
+                         sums[c].s2 - sums[c].s1 * offset, rows};
+  }
+  return result;
 }
 
 // NCHW gradient sums: each channel's planes in runs of up to kPlaneChunk elements, a run's
@@ -581,21 +623,46 @@ void grad_apply_tiles(const float* grad, const uint8_t* mask, const float* x, co
   });
 }
 
-// stats_chunk's add_blocks by tiles: a tile's fp32 block sum in a register down the rows.
-template <bool SQUARE>
-void add_tile_blocks(const float* x, int64_t r0, int64_t r1, int64_t C, const float* centre,
-                     double* totals) {
-  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
-    for (int64_t c = 0; c < C; c += kLanes) {
-      const Lanes m = load_lanes(centre + c);
-      Lanes part{};
-      for (int64_t i = 0; i < rows; ++i) {
-        const Lanes d = load_lanes(x + (r + i) * C + c) - m;
-        part += SQUARE ? d * d : d;
-      }
-      add_lanes_to(totals + c, part);
+// The deviation sums of G tiles (channels c .. c + 16G) over `rows` rows, added to the double
+// totals. The G tiles' sums are independent chains: one tile alone waits on its adds' latency
+// row after row (about half the speed of a plain sum).
+template <int G>
+void add_tile_group_sums(const float* __restrict__ x, int64_t rows, int64_t C, int64_t c,
+                         const float* __restrict__ shift, double* __restrict__ s1,
+                         double* __restrict__ s2) {
+  Lanes m[G], p1[G], p2[G];
+  for (int j = 0; j < G; ++j) {
+    m[j] = load_lanes(shift + c + j * kLanes);
+    p1[j] = Lanes{};
+    p2[j] = Lanes{};
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int j = 0; j < G; ++j) {
+      const Lanes d = load_lanes(x + i * C + c + j * kLanes) - m[j];
+      p1[j] += d;
+      p2[j] += d * d;
     }
+  for (int j = 0; j < G; ++j) {
+    add_lanes_to(s1 + c + j * kLanes, p1[j]);
+    add_lanes_to(s2 + c + j * kLanes, p2[j]);
+  }
+}
+
+// deviation_sums_chunk by tiles: each tile's two fp32 block sums in registers down the rows,
+// four tiles at a time.
+void deviation_sums_tiles_chunk(const float* x, int64_t r0, int64_t r1, int64_t C,
+                                const float* shift, DeviationSums* out) {
+  constexpr int kGroup = 4;
+  std::vector<double> s1(C, 0.0), s2(C, 0.0);
+  for_each_block(r0, r1, [&](int64_t r, int64_t rows) {
+    const float* block = x + r * C;
+    int64_t c = 0;
+    for (; c + kGroup * kLanes <= C; c += kGroup * kLanes)
+      add_tile_group_sums<kGroup>(block, rows, C, c, shift, s1.data(), s2.data());
+    for (; c < C; c += kLanes)
+      add_tile_group_sums<1>(block, rows, C, c, shift, s1.data(), s2.data());
   });
+  for (int64_t c = 0; c < C; ++c) out[c] = DeviationSums{s1[c], s2[c]};
 }
 
 // Gradient sums of rows [r0, r1): as grad_sums_nhwc's chunk function, the ReLU mask read as
@@ -689,22 +756,18 @@ void plane_grad_sums_tiles(const float* __restrict__ grad, const uint8_t* __rest
 // The channels_last reductions: fp32 with C a multiple of 16 by tiles, anything else by runs.
 template <typename T>
 std::vector<StatsAcc> stats_nhwc_any(const T* x, Geometry g) {
+  const int64_t C = g.channels;
 #if FR_CPU_TILES
   if constexpr (std::is_same_v<T, float>) {
     if (tiles_apply(g))
-      return reduce_nhwc<StatsAcc>(g, [&](int64_t r0, int64_t r1, StatsAcc* out) {
-        stats_chunk(x, r0, r1, g.channels,
-                    [&](const float* centre, bool square, double* totals) {
-                      if (square)
-                        add_tile_blocks<true>(x, r0, r1, g.channels, centre, totals);
-                      else
-                        add_tile_blocks<false>(x, r0, r1, g.channels, centre, totals);
-                    },
-                    out);
+      return stats_nhwc(x, g, [&](const float* shift, int64_t r0, int64_t r1, DeviationSums* out) {
+        deviation_sums_tiles_chunk(x, r0, r1, C, shift, out);
       });
   }
 #endif
-  return stats_nhwc(x, g);
+  return stats_nhwc(x, g, [&](const float* shift, int64_t r0, int64_t r1, DeviationSums* out) {
+    deviation_sums_chunk(x, r0, r1, C, shift, out);
+  });
 }
 
 template <typename T>

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "common/cutlass_conv_plan.h"
+#include "common/kernel_format.h"
 #include "common/types.h"
 #include "cpu/bn_add_relu.h"
 
@@ -34,13 +35,9 @@ using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
 // Layout: kernels see a dense tensor in memory order. NCHW-contiguous input stays NCHW,
-// channels_last-contiguous stays NHWC, anything else is copied to NCHW. The same rule is in
-// fused_resnet/ops/_layout.py (fake tensors) and decides the bit order of the ReLU mask.
-at::MemoryFormat kernel_format(const Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
+// channels_last-contiguous stays NHWC, anything else is copied to NCHW (kernel_format,
+// common/kernel_format.h). The same rule is in fused_resnet/layout.py (fake tensors) and
+// decides the bit order of the ReLU mask.
 
 Geometry geometry(const Tensor& x, at::MemoryFormat fmt) {
   const int64_t hw = x.size(2) * x.size(3);

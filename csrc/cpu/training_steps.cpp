@@ -26,8 +26,6 @@
 //       -> (grad_input, grad_residual, grad_weight, grad_bias)     bn_add_relu's backward
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/conv2d.h>
-#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
@@ -37,6 +35,9 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+
+#include "common/kernel_format.h"
+#include "cpu/conv_gemm.h"
 
 namespace fused_resnet {
 namespace {
@@ -100,13 +101,6 @@ Tensor grad_apply_into_grad(Tensor& grad, const Tensor& mask, const Tensor& x, c
   return op.call(grad, mask, x, mean, k, b, c, relu);
 }
 
-// The memory format the kernels see a tensor in (layout.kernel_format).
-at::MemoryFormat kernel_format(const Tensor& t) {
-  return t.is_contiguous() || !t.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::Contiguous
-             : at::MemoryFormat::ChannelsLast;
-}
-
 Tensor as_float(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : Tensor();
 }
@@ -124,13 +118,13 @@ std::pair<Tensor, Tensor> centred_scale_shift(const Tensor& var, const OptTensor
   return {scale, shift};
 }
 
-// conv2d_bn_stats's library path: the conv in the input's memory format, its statistics.
+// conv2d_bn_stats's library path: the conv (conv2d_cpu: in the input's memory format), its
+// statistics.
 std::tuple<Tensor, Tensor, Tensor> conv_with_stats(const Tensor& a, const Tensor& weight,
                                                    at::IntArrayRef stride,
                                                    at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, int64_t groups) {
-  Tensor z = at::conv2d(a, weight, std::nullopt, stride, padding, dilation, groups)
-                 .contiguous(kernel_format(a));
+  Tensor z = cpu::conv2d_cpu(a, weight, stride, padding, dilation, groups);
   auto [mean, var, scale, shift] = bn_stats(z);
   return {z, mean, var};
 }
@@ -154,10 +148,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_relu_conv_step_backward(
   auto [scale, shift] = centred_scale_shift(var.to(at::kFloat), bn_weight, bn_bias, eps);
   auto [a, mask] =
       bn_add_relu_apply(input, std::nullopt, scale, shift, true, true, mean.to(at::kFloat));
-  const int64_t zero[] = {0, 0};
-  auto [grad_a, grad_weight, unused_bias] = at::convolution_backward(
-      grad_z, a, weight, std::nullopt, stride, padding, dilation, false, zero, groups,
-      {need_bn, need_weight, false});
+  auto [grad_a, grad_weight] = cpu::conv2d_cpu_backward(grad_z, a, weight, stride, padding,
+                                                        dilation, groups, need_bn, need_weight);
   a.reset();  // only the conv's weight gradient needed it
   const Tensor none = at::empty({0}, input.options());
   Tensor grad_input = none, grad_bn_weight = none, grad_bn_bias = none;

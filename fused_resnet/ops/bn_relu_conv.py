@@ -186,9 +186,8 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
                 dilation, groups, need_bn, need_weight, need_bn_weight or need_bn_bias)
         return _gradients(ctx, grad_input, grad_bn_weight, grad_bn_bias, grad_weight)
     activation, mask = _activation(input, bn_weight, bn_bias, mean, var, ctx.eps, True)
-    grad_activation, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, activation, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [need_bn, need_weight, False])
+    grad_activation, grad_weight = conv_ops.library_conv_backward(
+        grad_z, activation, weight, stride, padding, dilation, groups, need_bn, need_weight)
     del activation  # only the conv's weight gradient needed it
     grad_input = grad_bn_weight = grad_bn_bias = None
     if need_bn:

@@ -14,12 +14,13 @@
     conv2d_bn_stats(input, weight, stride, padding, dilation, groups) -> (z, mean, var)
         the raw conv output and its per-channel batch mean / biased variance (fp32), computed in
         the conv's epilogue on the Triton path: training-mode BN without a second read of z.
-        Differentiable w.r.t. input and weight (conv backward by aten.convolution_backward);
+        Differentiable w.r.t. input and weight (the conv backward: library_conv_backward);
         the statistics are consumed by bn_add_relu's batch_mean/batch_var, whose backward
         already differentiates through them.
 
 Each runs the Triton implicit-GEMM kernel (kernels/conv.py), the library conv (cuDNN /
-mkldnn) followed by the fused epilogue pieces of bn_add_relu ("library" path), or, for
+oneDNN; for conv2d_bn_stats on a CPU, library_conv: a 1x1 conv over few pixels as one MKL
+GEMM) followed by the fused epilogue pieces of bn_add_relu ("library" path), or, for
 conv2d_epilogue on CUDA in fp16/bf16, the CUTLASS implicit-GEMM conv with the epilogue in its
 tile (csrc/cutlass_conv/, "cutlass" path). Which one: see conv_path and choose_path. Output layout follows the input's (channels_last in, channels_last out).
 """
@@ -659,9 +660,53 @@ def _with_stats(z):
     return z, mean, var
 
 
+def _cpu_library_conv(input) -> bool:
+    """Whether the library path's conv is conv2d_cpu (csrc/cpu/conv_gemm.cpp: a 1x1 conv over
+    few pixels as a GEMM, else oneDNN's), the conv of the C++ CPU training steps."""
+    return input.device.type == "cpu" and _extension.available()
+
+
+def library_conv(input, weight, stride, padding, dilation, groups):
+    """The library path's conv, without bias, in input's memory format."""
+    if _cpu_library_conv(input):
+        return torch.ops.fused_resnet.conv2d_cpu(input, weight, stride, padding, dilation,
+                                                 groups)
+    return _output_like(F.conv2d(input, weight, None, stride, padding, dilation, groups), input)
+
+
+def library_conv_backward(grad, input, weight, stride, padding, dilation, groups, need_input,
+                          need_weight):
+    """(grad_input, grad_weight) of library_conv (None where not asked for). conv2d_cpu's own
+    backward is not differentiable: with grad mode on (a double backward) aten's runs."""
+    if _cpu_library_conv(input) and not torch.is_grad_enabled():
+        grad_input, grad_weight = torch.ops.fused_resnet.conv2d_cpu_backward(
+            grad, input, weight, stride, padding, dilation, groups, need_input, need_weight)
+    else:
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_input, need_weight, False])
+    return grad_input if need_input else None, grad_weight if need_weight else None
+
+
+def _register_library_conv_fakes():
+    if not _extension.available():
+        return
+
+    @torch.library.register_fake("fused_resnet::conv2d_cpu")
+    def _(input, weight, stride, padding, dilation, groups):
+        return _empty_conv_out(input, weight, stride, padding, dilation)
+
+    @torch.library.register_fake("fused_resnet::conv2d_cpu_backward")
+    def _(grad, input, weight, stride, padding, dilation, groups, need_input, need_weight):
+        return (layout.empty_like_kernel(input) if need_input else input.new_empty(0),
+                torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+_register_library_conv_fakes()
+
+
 def _stats_library(input, weight, stride, padding, dilation, groups):
-    return _with_stats(_output_like(F.conv2d(input, weight, None, stride, padding, dilation,
-                                             groups), input))
+    return _with_stats(library_conv(input, weight, stride, padding, dilation, groups))
 
 
 def _stats_plan(input, weight, stride, padding, dilation, groups):
@@ -716,9 +761,8 @@ def _stats_backward(ctx, grad_z, _grad_mean, _grad_var):
     input, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     need_input, need_weight = ctx.needs_input_grad[:2]
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [need_input, need_weight, False])
+    grad_input, grad_weight = library_conv_backward(grad_z, input, weight, stride, padding,
+                                                    dilation, groups, need_input, need_weight)
     return grad_input, grad_weight, None, None, None, None
 
 

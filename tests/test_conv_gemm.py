@@ -1,0 +1,119 @@
+"""The library conv of the CPU training paths (csrc/cpu/conv_gemm.cpp, ops.conv.library_conv):
+a 1x1 convolution (stride 1, no padding, one group) of an fp32 channels_last tensor over at most
+2048 pixels runs as one GEMM, anything else as oneDNN's conv. Either way its output and both
+gradients are as exact as PyTorch's own conv (against float64, verify.compare's criterion), in
+the input's memory format, and the GEMM's weight gradient has the weight's own strides (what
+autograd accumulates into without a copy)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import backend
+from fused_resnet.ops import conv as conv_ops
+from fused_resnet.verify import compare
+
+pytestmark = pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None,
+                                reason="fused_resnet._C is not built")
+
+# (input shape, out channels, kernel, stride, padding, groups, channels_last, dtype, gemm)
+CASES = [
+    ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.float32, True),      # a bottleneck's 1x1
+    ((2, 32, 4, 6), 48, 1, 1, 0, 1, True, torch.float32, True),      # H != W
+    ((2, 16, 32, 32), 24, 1, 1, 0, 1, True, torch.float32, True),    # 2048 pixels: the last
+    ((1, 16, 2049, 1), 24, 1, 1, 0, 1, True, torch.float32, False),  # one pixel too many
+    ((2, 32, 1, 1), 16, 1, 1, 0, 1, True, torch.float32, True),      # NCHW and NHWC at once
+    ((2, 32, 5, 5), 48, 1, 1, 0, 1, False, torch.float32, False),    # NCHW
+    ((2, 32, 6, 6), 48, 1, 2, 0, 1, True, torch.float32, False),     # strided projection
+    ((2, 32, 5, 5), 48, 3, 1, 1, 1, True, torch.float32, False),     # 3x3
+    ((2, 32, 5, 5), 48, 1, 1, 0, 2, True, torch.float32, False),     # grouped
+    ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.bfloat16, False),    # bf16
+]
+
+
+def _ids(case):
+    shape, out, k, stride, pad, groups, cl, dtype, gemm = case
+    return (f"{'x'.join(map(str, shape))}-o{out}-k{k}s{stride}g{groups}-"
+            f"{'nhwc' if cl else 'nchw'}-{str(dtype)[6:]}-{'gemm' if gemm else 'onednn'}")
+
+
+def _operands(case, seed=0):
+    shape, out, k, stride, pad, groups, cl, dtype, _ = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = (torch.randn(out, shape[1] // groups, k, k, generator=g) / (shape[1] * k * k) ** 0.5)
+    w = w.to(dtype)
+    grad = torch.randn(shape[0], out, (shape[2] + 2 * pad - k) // stride + 1,
+                       (shape[3] + 2 * pad - k) // stride + 1, generator=g).to(dtype)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return (x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt),
+            grad.contiguous(memory_format=fmt), [stride] * 2, [pad] * 2, [1, 1], groups)
+
+
+def _pytorch(x, w, grad, stride, padding, dilation, groups):
+    """PyTorch's conv (forward, grad_input, grad_weight) on these operands, in their dtype."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    z = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    z.backward(grad)
+    return z.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_library_conv_as_exact_as_pytorch(case):
+    x, w, grad, stride, padding, dilation, groups = _operands(case)
+    z = conv_ops.library_conv(x, w, stride, padding, dilation, groups)
+    with torch.no_grad():
+        grad_x, grad_w = conv_ops.library_conv_backward(grad, x, w, stride, padding, dilation,
+                                                        groups, True, True)
+    ref64 = _pytorch(x.double(), w.double(), grad.double(), stride, padding, dilation, groups)
+    same = _pytorch(x, w, grad, stride, padding, dilation, groups)
+    for name, got, r64, r in zip(("output", "grad_input", "grad_weight"), (z, grad_x, grad_w),
+                                 ref64, same):
+        assert got.dtype == x.dtype and got.shape == r.shape, name
+        c = compare(name, got, r64, r)
+        assert c.ok, f"{name}: error {c.error:.3g} > allowed {c.allowed:.3g} " \
+                     f"(PyTorch's {c.pytorch_error:.3g})"
+    cl = case[6] and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    assert z.is_contiguous(memory_format=fmt) and grad_x.is_contiguous(memory_format=fmt)
+    if case[-1]:  # the GEMM: the weight gradient in the weight's strides
+        assert grad_w.stride() == w.stride()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+def test_gradients_not_asked_for_are_left_out(case):
+    x, w, grad, stride, padding, dilation, groups = _operands(case)
+    with torch.no_grad():
+        only_x = conv_ops.library_conv_backward(grad, x, w, stride, padding, dilation, groups,
+                                                True, False)
+        only_w = conv_ops.library_conv_backward(grad, x, w, stride, padding, dilation, groups,
+                                                False, True)
+        both = conv_ops.library_conv_backward(grad, x, w, stride, padding, dilation, groups,
+                                              True, True)
+    assert only_x[1] is None and only_w[0] is None
+    assert torch.equal(only_x[0], both[0]) and torch.equal(only_w[1], both[1])
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+def test_double_backward_through_conv2d_bn_stats(case):
+    """conv2d_cpu_backward has no derivative of its own: with create_graph the library path's
+    backward is aten's, so a second derivative still matches F.conv2d's."""
+    x, w, grad, stride, padding, dilation, groups = _operands(case)
+    results = []
+    for conv in (lambda a, b: conv_ops.run_conv2d_bn_stats(a, b, stride, padding, dilation,
+                                                           groups)[0],
+                 lambda a, b: F.conv2d(a, b, None, stride, padding, dilation, groups)):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad((conv(a, b) * grad).sum(), b, create_graph=True)
+        (gx,) = torch.autograd.grad((gw * gw).sum(), a)
+        results.append(gx)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+def test_opcheck_library_conv(case):
+    x, w, grad, stride, padding, dilation, groups = _operands(case)
+    ops = torch.ops.fused_resnet
+    torch.library.opcheck(ops.conv2d_cpu.default, (x, w, stride, padding, dilation, groups))
+    torch.library.opcheck(ops.conv2d_cpu_backward.default,
+                          (grad, x, w, stride, padding, dilation, groups, True, True))

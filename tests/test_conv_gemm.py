@@ -1,6 +1,7 @@
 """The library conv of the CPU training paths (csrc/cpu/conv_gemm.cpp, ops.conv.library_conv):
-a 1x1 convolution (stride 1, no padding, one group) of an fp32 channels_last tensor over at most
-2048 pixels runs as one GEMM, anything else as oneDNN's conv. Either way its output and both
+a 1x1 convolution (no padding, one group) of an fp32 channels_last tensor with at most 2048
+output pixels runs as one GEMM (strided: over the pixels it reads), anything else as oneDNN's
+conv. Either way its output and both
 gradients are as exact as PyTorch's own conv (against float64, verify.compare's criterion), in
 the input's memory format, and the GEMM's weight gradient has the weight's own strides (what
 autograd accumulates into without a copy)."""
@@ -24,7 +25,10 @@ CASES = [
     ((1, 16, 2049, 1), 24, 1, 1, 0, 1, True, torch.float32, False),  # one pixel too many
     ((2, 32, 1, 1), 16, 1, 1, 0, 1, True, torch.float32, True),      # NCHW and NHWC at once
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, False, torch.float32, False),    # NCHW
-    ((2, 32, 6, 6), 48, 1, 2, 0, 1, True, torch.float32, False),     # strided projection
+    ((2, 32, 6, 6), 48, 1, 2, 0, 1, True, torch.float32, True),      # a strided projection
+    ((2, 32, 7, 5), 48, 1, 2, 0, 1, True, torch.float32, True),      # odd sizes, stride 2
+    ((2, 16, 64, 64), 24, 1, 2, 0, 1, True, torch.float32, True),    # 2048 output pixels
+    ((2, 32, 6, 6), 48, 1, 1, 1, 1, True, torch.float32, False),     # padded
     ((2, 32, 5, 5), 48, 3, 1, 1, 1, True, torch.float32, False),     # 3x3
     ((2, 32, 5, 5), 48, 1, 1, 0, 2, True, torch.float32, False),     # grouped
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.bfloat16, False),    # bf16
@@ -80,7 +84,7 @@ def test_library_conv_as_exact_as_pytorch(case):
         assert grad_w.stride() == w.stride()
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
 def test_gradients_not_asked_for_are_left_out(case):
     x, w, grad, stride, padding, dilation, groups = _operands(case)
     with torch.no_grad():
@@ -94,7 +98,7 @@ def test_gradients_not_asked_for_are_left_out(case):
     assert torch.equal(only_x[0], both[0]) and torch.equal(only_w[1], both[1])
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
 def test_double_backward_through_conv2d_bn_stats(case):
     """conv2d_cpu_backward has no derivative of its own: with create_graph the library path's
     backward is aten's, so a second derivative still matches F.conv2d's."""
@@ -110,7 +114,7 @@ def test_double_backward_through_conv2d_bn_stats(case):
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
 def test_opcheck_library_conv(case):
     x, w, grad, stride, padding, dilation, groups = _operands(case)
     ops = torch.ops.fused_resnet

@@ -59,6 +59,13 @@ def test_every_timed_provider_was_checked_first(recorded):
     assert "grad_error" in rows[("fused", "training")]["check"]
     assert rows[("fused", "training")]["saved_activation_bytes"] > 0
     assert rows[("eager_cl", "inference")]["speedup_vs_eager_cl"] == 1.0
+    for mode in ("inference", "training"):  # the speed-up's spread, round by round
+        base, fused = rows[("eager_cl", mode)]["samples_s"], rows[("fused", mode)]["samples_s"]
+        ratios = sorted(b / f for b, f in zip(base, fused))  # two rounds: the quartiles are
+        q1, q3 = rows[("fused", mode)]["speedup_rounds_iqr"]  # 3/4 low + 1/4 high and back
+        assert q1 == pytest.approx(0.75 * ratios[0] + 0.25 * ratios[1])
+        assert q3 == pytest.approx(0.25 * ratios[0] + 0.75 * ratios[1])
+        assert "speedup_rounds_iqr" not in rows[("eager_cl", mode)]
     triton = rows[("fused_triton", "inference")]
     assert triton["status"] == "unavailable" and "CUDA" in triton["reason"]
 

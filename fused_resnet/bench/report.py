@@ -53,8 +53,10 @@ def _row_cells(row) -> list:
     if speedup is None:
         speedup_cell = "-"
     else:
-        speedup_cell = f"{speedup:.2f}x" + ("" if _speedup_judged(row) else
-                                            ", not judged (unstable)")
+        rounds = row.get("speedup_rounds_iqr")  # the per-round speed-ups' quartiles
+        speedup_cell = f"{speedup:.2f}x" + (f" ({rounds[0]:.2f}-{rounds[1]:.2f})" if rounds
+                                            else "") + \
+            ("" if _speedup_judged(row) else ", not judged (unstable)")
     return [
         row["provider"], _cell_status(row),
         f"{row['images_per_s']:.1f} ({low:.1f}-{high:.1f})", _spread_cell(row),
@@ -67,7 +69,7 @@ def _row_cells(row) -> list:
 
 
 HEADER = ["provider", "check vs eager fp64 (error <= allowed)", "images/s median (IQR)",
-          "spread (IQR / median)", "latency ms", "speed-up vs eager_cl",
+          "spread (IQR / median)", "latency ms", "speed-up vs eager_cl (per-round IQR)",
           "peak memory MiB (vs eager_cl)", "saved for backward MiB (vs eager_cl)",
           "of memory / compute floor"]
 
@@ -151,7 +153,9 @@ def markdown(result) -> str:
               "gradients); one that disagrees is reported as wrong and not timed. The "
               "checked providers were then timed round-robin, one sample each per round, so "
               "a busy neighbour slows all of them alike. images/s: median over the samples "
-              "(IQR: the middle half of the samples). A row whose IQR exceeds "
+              "(IQR: the middle half of the samples). Speed-up: the ratio of the medians; "
+              "in brackets the quartiles of the ratios round by round (each round's two "
+              "calls ran under the same load). A row whose IQR exceeds "
               f"{100 * MAX_RELATIVE_SPREAD:.0f}% of its median is unstable: the speed-ups "
               "and goals built on it are not judged. Training = forward + "
               "backward + SGD step. Peak memory: CUDA allocator peak (everything allocated); "

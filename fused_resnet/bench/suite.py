@@ -272,7 +272,9 @@ def _floor_fractions(row, floor, ceilings) -> dict:
 
 def _add_ratios(rows) -> None:
     """Speed-up and memory ratio against eager channels_last in the same run; a speed-up is
-    judged only when both rows' samples are stable (fused_resnet.bench.timing)."""
+    judged only when both rows' samples are stable (fused_resnet.bench.timing). The speed-up's
+    own spread: the quartiles of the per-round ratios (the providers take turns within a round,
+    so a round's ratio compares calls made under the same load)."""
     base = {(r["model"], r["mode"]): r for r in rows
             if r["provider"] == providers.BASELINE and r.get("status") == "ok"}
     for row in rows:
@@ -281,6 +283,9 @@ def _add_ratios(rows) -> None:
             continue
         row["speedup_vs_eager_cl"] = ref["median_s"] / row["median_s"]
         row["speedup_judged"] = timing.is_stable(row) and timing.is_stable(ref)
+        per_round = timing.round_ratios(ref.get("samples_s"), row.get("samples_s"))
+        if per_round and row is not ref:
+            row["speedup_rounds_iqr"] = timing.quartiles(per_round)
         if row.get("peak_memory_bytes") and ref.get("peak_memory_bytes"):
             row["memory_vs_eager_cl"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
         if row.get("saved_activation_bytes") and ref.get("saved_activation_bytes"):

@@ -17,14 +17,27 @@ from fused_resnet.bench.environment import seconds_per_call, synchronize
 MAX_RELATIVE_SPREAD = 0.10
 
 
+def quartiles(values: list) -> list:
+    """[first, third] quartile (the inclusive method; both the value itself for one value)."""
+    if len(values) == 1:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def round_ratios(base: Optional[list], other: Optional[list]) -> list:
+    """base[i] / other[i] for rounds timed in turn (interleaved): each round's speed-up of
+    `other` over `base`; [] unless both have the same rounds."""
+    if not base or not other or len(base) != len(other):
+        return []
+    return [b / o for b, o in zip(base, other)]
+
+
 def summary(samples: list) -> dict:
     """Per-call seconds from samples: median, min, max, quartiles, IQR, the IQR relative to
     the median and whether that is within MAX_RELATIVE_SPREAD, and every sample."""
     median = statistics.median(samples)
-    if len(samples) > 1:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    else:
-        q1 = q3 = samples[0]
+    q1, q3 = quartiles(samples)
     spread = (q3 - q1) / median
     return {"median_s": median, "min_s": min(samples), "max_s": max(samples),
             "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "relative_spread": spread,

@@ -1,7 +1,7 @@
 """The library conv of the CPU training paths (csrc/cpu/conv_gemm.cpp, ops.conv.library_conv):
-a 1x1 convolution (no padding, one group) of an fp32 channels_last tensor with at most 2048
-output pixels runs as one GEMM (strided: over the pixels it reads), anything else as oneDNN's
-conv. Either way its output and both
+an fp32 channels_last convolution (one group) runs as one GEMM over its output pixels' windows
+where it is a 1x1 without padding over at most 2048 output pixels, or a larger window over no
+more output pixels than input channels; anything else as oneDNN's conv. Either way its output and both
 gradients are as exact as PyTorch's own conv (against float64, verify.compare's criterion), in
 the input's memory format, and the GEMM's weight gradient has the weight's own strides (what
 autograd accumulates into without a copy)."""
@@ -29,10 +29,19 @@ CASES = [
     ((2, 32, 7, 5), 48, 1, 2, 0, 1, True, torch.float32, True),      # odd sizes, stride 2
     ((2, 16, 64, 64), 24, 1, 2, 0, 1, True, torch.float32, True),    # 2048 output pixels
     ((2, 32, 6, 6), 48, 1, 1, 1, 1, True, torch.float32, False),     # padded
-    ((2, 32, 5, 5), 48, 3, 1, 1, 1, True, torch.float32, False),     # 3x3
+    ((2, 32, 5, 5), 48, 3, 1, 1, 1, True, torch.float32, False),     # 3x3, 50 pixels > 32
+    ((2, 64, 4, 4), 48, 3, 1, 1, 1, True, torch.float32, True),      # 3x3, 32 pixels <= 64
+    ((2, 64, 7, 5), 48, 3, 2, 1, 1, True, torch.float32, True),      # 3x3, stride 2, odd
+    ((2, 64, 3, 5), 40, 5, 1, 2, 1, True, torch.float32, True),      # 5x5 wider than the input
+    ((1, 64, 8, 8), 16, 7, 2, 3, 1, True, torch.float32, True),      # a 7x7 stem-like window
+    ((2, 64, 4, 4), 48, 3, 1, 1, 1, False, torch.float32, False),    # 3x3 NCHW
     ((2, 32, 5, 5), 48, 1, 1, 0, 2, True, torch.float32, False),     # grouped
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.bfloat16, False),    # bf16
 ]
+
+
+# a GEMM 1x1, a strided one, oneDNN's 3x3, GEMM 3x3 and 7x7 windows
+SOME = [CASES[i] for i in (0, 6, 10, 11, 14)]
 
 
 def _ids(case):
@@ -65,10 +74,12 @@ def _pytorch(x, w, grad, stride, padding, dilation, groups):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_library_conv_as_exact_as_pytorch(case):
     x, w, grad, stride, padding, dilation, groups = _operands(case)
-    z = conv_ops.library_conv(x, w, stride, padding, dilation, groups)
-    with torch.no_grad():
+    with torch.profiler.profile() as prof, torch.no_grad():
+        z = conv_ops.library_conv(x, w, stride, padding, dilation, groups)
         grad_x, grad_w = conv_ops.library_conv_backward(grad, x, w, stride, padding, dilation,
                                                         groups, True, True)
+    ran = {e.key for e in prof.key_averages()}
+    assert ("aten::mm" in ran) == case[-1] and ("aten::mkldnn_convolution" in ran) != case[-1]
     ref64 = _pytorch(x.double(), w.double(), grad.double(), stride, padding, dilation, groups)
     same = _pytorch(x, w, grad, stride, padding, dilation, groups)
     for name, got, r64, r in zip(("output", "grad_input", "grad_weight"), (z, grad_x, grad_w),
@@ -84,7 +95,7 @@ def test_library_conv_as_exact_as_pytorch(case):
         assert grad_w.stride() == w.stride()
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
+@pytest.mark.parametrize("case", SOME, ids=_ids)
 def test_gradients_not_asked_for_are_left_out(case):
     x, w, grad, stride, padding, dilation, groups = _operands(case)
     with torch.no_grad():
@@ -98,7 +109,7 @@ def test_gradients_not_asked_for_are_left_out(case):
     assert torch.equal(only_x[0], both[0]) and torch.equal(only_w[1], both[1])
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
+@pytest.mark.parametrize("case", SOME, ids=_ids)
 def test_double_backward_through_conv2d_bn_stats(case):
     """conv2d_cpu_backward has no derivative of its own: with create_graph the library path's
     backward is aten's, so a second derivative still matches F.conv2d's."""
@@ -114,7 +125,7 @@ def test_double_backward_through_conv2d_bn_stats(case):
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[10]], ids=_ids)
+@pytest.mark.parametrize("case", SOME, ids=_ids)
 def test_opcheck_library_conv(case):
     x, w, grad, stride, padding, dilation, groups = _operands(case)
     ops = torch.ops.fused_resnet

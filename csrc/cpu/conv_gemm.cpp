@@ -5,16 +5,23 @@
 //   conv2d_cpu_backward(grad, input, weight, stride, padding, dilation, groups, need_input,
 //                       need_weight) -> (grad_input, grad_weight)
 //
-// A 1x1 convolution (no padding, one group) of an fp32 channels_last tensor is a GEMM over the
-// pixels it reads (every stride-th row and column): z[p, o] = sum_i a[p, i] w[o, i],
-// grad_a = grad_z w (scattered back to those pixels), grad_w = grad_z^T a. Where a bottleneck
-// runs on few pixels (ResNet-50's layer3 and layer4 and their projection shortcuts: 72-1568
-// output pixels at batch 8), oneDNN's convolution is slower than at::mm (MKL) on the same data,
-// most in backward, whose weight gradient oneDNN also computes in a blocked layout and then
-// reorders: measured on a 2-core Intel Xeon (fp32, batch 8), backward 1.2-5.7x (strided
-// projections 1.2-4.8x) and forward up to 2.6x faster as GEMMs up to 1568 output pixels; at
-// 6272 output pixels the stride-1 ones no faster (docs/cpu.md). Everything else, and anything
-// with more than kGemmPixels output pixels, runs at::conv2d / at::convolution_backward.
+// A convolution (one group, no dilation) of an fp32 channels_last tensor is a GEMM over its
+// output pixels: each pixel's kernel window, (kh, kw, C) values, is a row of `cols` (im2col),
+// z = cols w^T, grad_cols = grad_z w (added back into the windows' places: col2im),
+// grad_w = grad_z^T cols. A 1x1 window without padding reads the input's pixels themselves
+// (every stride-th row and column; no copy at stride 1).
+//
+// Where a bottleneck runs on few pixels (ResNet-50's layer3 and layer4 and their projection
+// shortcuts: 72-1568 output pixels at batch 8), oneDNN's convolution is slower than at::mm
+// (MKL) on the same data, most in backward, whose weight gradient oneDNN also computes in a
+// blocked layout and then reorders. Measured on a 2-core Intel Xeon (fp32, batch 8): 1x1 convs
+// up to 1568 output pixels 1.2-5.7x faster in backward (strided projections 1.2-4.8x) and up to
+// 2.6x in forward, no faster from 6272 pixels on; 3x3 convs with 512 channels 1.7-3.9x faster
+// in backward (GEMMs alone) over 128-392 pixels, none faster with 256 channels over 392
+// pixels or more (docs/cpu.md). Hence the rule (runs_as_gemm): 1x1 without padding up to
+// kPointwisePixels output pixels; a larger window while the output pixels are no more than the
+// input channels (its weight gradient, a reduction over the pixels, is short and wide there);
+// everything else at::conv2d / at::convolution_backward.
 #include "cpu/conv_gemm.h"
 
 #include "common/kernel_format.h"
@@ -24,7 +31,10 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 namespace fused_resnet {
 namespace cpu {
@@ -33,57 +43,117 @@ namespace {
 using at::Tensor;
 
 // Output pixels (N*Ho*Wo) up to which a 1x1 convolution runs as a GEMM (the file comment).
-constexpr int64_t kGemmPixels = 2048;
+constexpr int64_t kPointwisePixels = 2048;
 
-// Output pixels of a 1x1 convolution without padding: every stride-th row and column.
-int64_t output_pixels(const Tensor& input, at::IntArrayRef stride) {
-  const auto sampled = [](int64_t size, int64_t step) { return (size + step - 1) / step; };
-  return input.size(0) * sampled(input.size(2), stride[0]) * sampled(input.size(3), stride[1]);
+// A convolution's window along one spatial axis: kernel size, stride, padding (no dilation).
+struct Axis {
+  int64_t size, kernel, stride, pad;
+  int64_t out() const { return (size + 2 * pad - kernel) / stride + 1; }
+  // The output positions [first, last) whose input position o*stride + k - pad is inside the
+  // input, for kernel offset k, and the input position of the first.
+  int64_t first(int64_t k) const { return std::max<int64_t>(0, (pad - k + stride - 1) / stride); }
+  int64_t last(int64_t k) const {
+    const int64_t top = size - 1 + pad - k;  // the last output reads input row <= size - 1
+    return top < 0 ? 0 : std::min(out(), top / stride + 1);
+  }
+  int64_t input_at(int64_t o, int64_t k) const { return o * stride + k - pad; }
+};
+
+struct Window {
+  Axis h, w;
+  bool pointwise() const { return h.kernel == 1 && w.kernel == 1 && h.pad == 0 && w.pad == 0; }
+};
+
+Window window_of(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                 at::IntArrayRef padding) {
+  return {{input.size(2), weight.size(2), stride[0], padding[0]},
+          {input.size(3), weight.size(3), stride[1], padding[1]}};
 }
 
-// Whether conv2d_cpu(input, weight, ...) runs as a GEMM.
+// Whether conv2d_cpu(input, weight, ...) runs as a GEMM (the file comment).
 bool runs_as_gemm(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
-                  at::IntArrayRef padding, int64_t groups) {
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (input.device().type() != at::kCPU || input.scalar_type() != at::kFloat ||
       weight.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
-      stride.size() != 2 || padding.size() != 2 || stride[0] < 1 || stride[1] < 1)
+      groups != 1 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 ||
+      stride[0] < 1 || stride[1] < 1 || padding[0] < 0 || padding[1] < 0 ||
+      input.size(1) != weight.size(1) || !input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      !weight.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
-  const int64_t pixels = output_pixels(input, stride);
-  return groups == 1 && weight.size(2) == 1 && weight.size(3) == 1 && padding[0] == 0 &&
-         padding[1] == 0 && pixels > 0 && pixels <= kGemmPixels &&
-         input.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         weight.stride(0) == weight.size(1) && weight.stride(1) == 1;
-}
-
-// The pixels a 1x1 convolution with this stride reads, channels_last-dense (input itself at
-// stride 1, a gathered copy otherwise).
-Tensor read_pixels(const Tensor& input, at::IntArrayRef stride) {
-  return input.slice(2, 0, input.size(2), stride[0])
-      .slice(3, 0, input.size(3), stride[1])
-      .contiguous(at::MemoryFormat::ChannelsLast);
+  const Window win = window_of(input, weight, stride, padding);
+  if (win.h.out() < 1 || win.w.out() < 1 || input.size(0) < 1) return false;
+  const int64_t pixels = input.size(0) * win.h.out() * win.w.out();
+  if (win.pointwise()) return pixels <= kPointwisePixels;
+  return dilation[0] == 1 && dilation[1] == 1 && pixels <= input.size(1);
 }
 
 // t (N, C, H, W), channels_last-dense, as its (N*H*W, C) matrix (a view).
 Tensor pixel_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// (N*H*W, C) rows back as a channels_last (N, C, H, W) tensor shaped like `like` (a view).
-Tensor from_pixel_rows(const Tensor& rows, const Tensor& like, int64_t channels) {
-  return rows.view({like.size(0), like.size(2), like.size(3), channels}).permute({0, 3, 1, 2});
+// (N*Ho*Wo, C) rows as a channels_last (N, C, Ho, Wo) tensor (a view).
+Tensor from_pixel_rows(const Tensor& rows, int64_t n, const Window& win, int64_t channels) {
+  return rows.view({n, win.h.out(), win.w.out(), channels}).permute({0, 3, 1, 2});
 }
 
-// The 1x1 weight (O, I, 1, 1) as its (O, I) matrix (a view).
+// The weight (O, I, kh, kw), channels_last-dense, as its (O, kh*kw*I) matrix (a view).
 Tensor weight_matrix(const Tensor& weight) {
-  return weight.as_strided({weight.size(0), weight.size(1)}, {weight.size(1), 1});
+  const int64_t row = weight.numel() / weight.size(0);
+  return weight.as_strided({weight.size(0), row}, {row, 1});
 }
 
-// The input gradient of the read pixels put back in place: zeros elsewhere (strided).
-Tensor scattered(const Tensor& grad_read, const Tensor& input, at::IntArrayRef stride) {
-  if (stride[0] == 1 && stride[1] == 1) return grad_read;
+// The input positions of kernel offsets (i, j) for the output pixels whose windows reach
+// inside the input: `nhwc` (an (N, H, W, C) view) sliced to them, and the (N, Ho, Wo, C) view
+// `per_pixel` sliced to those output pixels. False where no window reaches inside.
+bool window_slices(const Tensor& nhwc, const Tensor& per_pixel, const Window& win, int64_t i,
+                   int64_t j, Tensor& input_part, Tensor& pixel_part) {
+  const int64_t h0 = win.h.first(i), h1 = win.h.last(i), w0 = win.w.first(j),
+                w1 = win.w.last(j);
+  if (h0 >= h1 || w0 >= w1) return false;
+  const int64_t r0 = win.h.input_at(h0, i), c0 = win.w.input_at(w0, j);
+  input_part = nhwc.slice(1, r0, win.h.input_at(h1 - 1, i) + 1, win.h.stride)
+                   .slice(2, c0, win.w.input_at(w1 - 1, j) + 1, win.w.stride);
+  pixel_part = per_pixel.slice(1, h0, h1).slice(2, w0, w1);
+  return true;
+}
+
+// cols: each output pixel's window, (kh, kw, C) values (zeros outside the input), one row per
+// pixel: (N*Ho*Wo, kh*kw*C). A 1x1 window without padding: the read pixels themselves.
+Tensor im2col(const Tensor& input, const Window& win) {
+  if (win.pointwise())
+    return pixel_rows(input.slice(2, 0, input.size(2), win.h.stride)
+                          .slice(3, 0, input.size(3), win.w.stride)
+                          .contiguous(at::MemoryFormat::ChannelsLast));
+  const int64_t n = input.size(0), c = input.size(1);
+  const Tensor nhwc = input.permute({0, 2, 3, 1});
+  Tensor cols = at::zeros({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c},
+                          input.options());
+  for (int64_t i = 0; i < win.h.kernel; ++i)
+    for (int64_t j = 0; j < win.w.kernel; ++j) {
+      Tensor from, to;
+      if (window_slices(nhwc, cols.select(3, i).select(3, j), win, i, j, from, to))
+        to.copy_(from);
+    }
+  return cols.view({n * win.h.out() * win.w.out(), -1});
+}
+
+// The input gradient from the windows' gradients (N*Ho*Wo, kh*kw*C): each added back into its
+// input position (col2im), channels_last. A 1x1 window without padding: the read pixels'
+// gradients in place (zeros between them at a stride > 1).
+Tensor col2im(const Tensor& grad_cols, const Tensor& input, const Window& win) {
+  const int64_t n = input.size(0), c = input.size(1);
+  if (win.pointwise() && win.h.stride == 1 && win.w.stride == 1)
+    return from_pixel_rows(grad_cols, n, win, c);
   Tensor grad_input =
       at::empty(input.sizes(), input.options(), at::MemoryFormat::ChannelsLast).zero_();
-  grad_input.slice(2, 0, input.size(2), stride[0])
-      .slice(3, 0, input.size(3), stride[1])
-      .copy_(grad_read);
+  const Tensor nhwc = grad_input.permute({0, 2, 3, 1});
+  const Tensor windows =
+      grad_cols.view({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c});
+  for (int64_t i = 0; i < win.h.kernel; ++i)
+    for (int64_t j = 0; j < win.w.kernel; ++j) {
+      Tensor to, from;
+      if (window_slices(nhwc, windows.select(3, i).select(3, j), win, i, j, to, from))
+        to.add_(from);
+    }
   return grad_input;
 }
 
@@ -91,10 +161,10 @@ Tensor scattered(const Tensor& grad_read, const Tensor& input, at::IntArrayRef s
 
 Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  if (runs_as_gemm(input, weight, stride, padding, groups)) {
-    const Tensor read = read_pixels(input, stride);
-    return from_pixel_rows(at::mm(pixel_rows(read), weight_matrix(weight).t()), read,
-                           weight.size(0));
+  if (runs_as_gemm(input, weight, stride, padding, dilation, groups)) {
+    const Window win = window_of(input, weight, stride, padding);
+    return from_pixel_rows(at::mm(im2col(input, win), weight_matrix(weight).t()),
+                           input.size(0), win, weight.size(0));
   }
   return at::conv2d(input, weight, std::nullopt, stride, padding, dilation, groups)
       .contiguous(kernel_format(input));
@@ -105,7 +175,7 @@ std::tuple<Tensor, Tensor> conv2d_cpu_backward(const Tensor& grad, const Tensor&
                                                at::IntArrayRef padding, at::IntArrayRef dilation,
                                                int64_t groups, bool need_input,
                                                bool need_weight) {
-  if (!runs_as_gemm(input, weight, stride, padding, groups)) {
+  if (!runs_as_gemm(input, weight, stride, padding, dilation, groups)) {
     const int64_t zero[] = {0, 0};
     auto [grad_input, grad_weight, unused_bias] = at::convolution_backward(
         grad, input, weight, std::nullopt, stride, padding, dilation, false, zero, groups,
@@ -113,15 +183,13 @@ std::tuple<Tensor, Tensor> conv2d_cpu_backward(const Tensor& grad, const Tensor&
     return {need_input ? grad_input : at::empty({0}, input.options()),
             need_weight ? grad_weight : at::empty({0}, weight.options())};
   }
+  const Window win = window_of(input, weight, stride, padding);
   const Tensor g = pixel_rows(grad.contiguous(at::MemoryFormat::ChannelsLast));
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, weight.options());
-  if (need_input)  // grad's pixels are the read ones
-    grad_input = scattered(from_pixel_rows(at::mm(g, weight_matrix(weight)), grad, input.size(1)),
-                           input, stride);
-  if (need_weight)  // the weight's own strides: what autograd accumulates into, no copy
-    grad_weight = at::mm(g.t(), pixel_rows(read_pixels(input, stride)))
-                      .as_strided(weight.sizes(), weight.strides());
+  if (need_input) grad_input = col2im(at::mm(g, weight_matrix(weight)), input, win);
+  if (need_weight)  // (O, kh, kw, I) rows: the weight's own strides, what autograd accumulates into
+    grad_weight = at::mm(g.t(), im2col(input, win)).as_strided(weight.sizes(), weight.strides());
   return {grad_input, grad_weight};
 }
 

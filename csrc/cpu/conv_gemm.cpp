@@ -14,14 +14,15 @@
 // Where a bottleneck runs on few pixels (ResNet-50's layer3 and layer4 and their projection
 // shortcuts: 72-1568 output pixels at batch 8), oneDNN's convolution is slower than at::mm
 // (MKL) on the same data, most in backward, whose weight gradient oneDNN also computes in a
-// blocked layout and then reorders. Measured on a 2-core Intel Xeon (fp32, batch 8): 1x1 convs
-// up to 1568 output pixels 1.2-5.7x faster in backward (strided projections 1.2-4.8x) and up to
-// 2.6x in forward, no faster from 6272 pixels on; 3x3 convs with 512 channels 1.7-3.9x faster
-// in backward (GEMMs alone) over 128-392 pixels, none faster with 256 channels over 392
-// pixels or more (docs/cpu.md). Hence the rule (runs_as_gemm): 1x1 without padding up to
-// kPointwisePixels output pixels; a larger window while the output pixels are no more than the
-// input channels (its weight gradient, a reduction over the pixels, is short and wide there);
-// everything else at::conv2d / at::convolution_backward.
+// blocked layout and then reorders. Measured on a 2-core Intel Xeon (fp32, batch 8;
+// benchmarks/results/cpu-conv-gemm-2026-12-02-intel/, docs/cpu.md): 1x1 convs up to 1568 output
+// pixels up to ~5x faster in backward (strided projections up to ~3x) and ~2.5x in forward as
+// GEMMs, mixed from 6272 pixels on; 3x3 convs with 512 channels over 128-392 pixels 1.3-2.3x
+// faster in backward (the GEMMs alone, before the im2col copies), with 256 channels about even
+// over 392 pixels and slower over 1568. Hence the rule (runs_as_gemm): 1x1 without padding up
+// to kPointwisePixels output pixels; a larger window while the output pixels are no more than
+// the input channels (its weight gradient, a reduction over the pixels, is short and wide
+// there); everything else at::conv2d / at::convolution_backward.
 #include "cpu/conv_gemm.h"
 
 #include "common/kernel_format.h"

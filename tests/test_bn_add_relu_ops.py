@@ -460,6 +460,43 @@ def test_reductions_of_an_empty_batch(backend_name, channels_last, channels):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend_name", cpu_backend_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("channels", [5, 32], ids=["c5", "c32-tiles"])
+def test_statistics_of_channels_with_an_infinity(backend_name, channels_last, channels):
+    """A channel holding an inf gets a non-finite mean and a NaN variance, as torch.var_mean
+    gives (its mean is +-inf there; merged partial means give NaN here, as the reference
+    backend's do: either way BN's output for that channel is NaN, as PyTorch's), wherever the
+    inf is: among the values the one-pass statistics centre their sums on (a plane's first
+    value, a channels_last tensor's first rows) or after them; the other channels stay
+    exact."""
+    x = torch.randn(2, channels, 6, 6)
+    x[0, 0, 0, 0] = float("inf")   # NCHW: channel 0's first value; NHWC: in its first row
+    x[1, 1, 5, 5] = float("inf")   # the last value of channel 1
+    x[0, 2, 0, 1], x[1, 2, 3, 3] = float("inf"), float("-inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with backend.use(backend_name):
+        mean, var, _, _ = ops.bn_stats(x, None, None, 1e-5)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert not mean[:3].isfinite().any() and var[:3].isnan().all()
+    torch.testing.assert_close(mean[3:], mean64[3:].float())  # fp32's tolerance
+    torch.testing.assert_close(var[3:], var64[3:].float())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_statistics_of_no_channels(channels_last):
+    """No channels: empty statistics, no crash (a channels_last reduction once divided its
+    chunk size by the channel count)."""
+    if backend.why_not("cpp", "cpu"):
+        pytest.skip(backend.why_not("cpp", "cpu"))
+    x = torch.randn(2, 0, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var, scale, shift = ops.bn_stats_cpp(x, None, None, 1e-5)
+    assert mean.shape == var.shape == scale.shape == shift.shape == (0,)
+
+
 # ---- the same registrations on a GPU (skipped without one) --------------------------------------
 def _to_cuda(args):
     return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)

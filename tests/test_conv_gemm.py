@@ -24,6 +24,8 @@ CASES = [
     ((2, 16, 32, 32), 24, 1, 1, 0, 1, True, torch.float32, True),    # 2048 pixels: the last
     ((1, 16, 2049, 1), 24, 1, 1, 0, 1, True, torch.float32, False),  # one pixel too many
     ((2, 32, 1, 1), 16, 1, 1, 0, 1, True, torch.float32, True),      # NCHW and NHWC at once
+    ((2, 1, 4, 4), 8, 1, 1, 0, 1, True, torch.float32, True),        # one channel: the same
+    ((1, 64, 1, 1), 8, 3, 1, 2, 1, True, torch.float32, True),       # 1x1 pixels, 3x3 output
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, False, torch.float32, False),    # NCHW
     ((2, 32, 6, 6), 48, 1, 2, 0, 1, True, torch.float32, True),      # a strided projection
     ((2, 32, 7, 5), 48, 1, 2, 0, 1, True, torch.float32, True),      # odd sizes, stride 2
@@ -40,8 +42,9 @@ CASES = [
 ]
 
 
-# a GEMM 1x1, a strided one, oneDNN's 3x3, GEMM 3x3 and 7x7 windows
-SOME = [CASES[i] for i in (0, 6, 10, 11, 14)]
+# GEMM 1x1s (channels_last, NCHW-contiguous too, strided), oneDNN's 3x3, GEMM windows (3x3
+# over 1x1 pixels, 3x3, 7x7)
+SOME = [CASES[i] for i in (0, 5, 8, 6, 12, 13, 16)]
 
 
 def _ids(case):
@@ -132,3 +135,33 @@ def test_opcheck_library_conv(case):
     torch.library.opcheck(ops.conv2d_cpu.default, (x, w, stride, padding, dilation, groups))
     torch.library.opcheck(ops.conv2d_cpu_backward.default,
                           (grad, x, w, stride, padding, dilation, groups, True, True))
+
+
+@pytest.mark.parametrize("shape, weight, stride, padding", [
+    ((1, 64, 2, 2), (8, 64, 3, 3), 2, 0),   # a window larger than the padded input
+    ((2, 64, 4, 4), (0, 64, 1, 1), 1, 0),   # no output channels
+    ((0, 64, 4, 4), (8, 64, 3, 3), 1, 1),   # an empty batch
+    ((2, 64, 0, 4), (8, 64, 1, 1), 2, 0),   # no rows
+], ids=["window-too-large", "no-out-channels", "empty-batch", "no-rows"])
+def test_what_the_gemm_cannot_take_is_aten_s(shape, weight, stride, padding):
+    """Shapes outside the GEMM's reach go to aten's conv: its result, or its error."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(weight).contiguous(memory_format=torch.channels_last)
+    args = ([stride] * 2, [padding] * 2, [1, 1], 1)
+    try:
+        want = F.conv2d(x, w, None, *args)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=str(error).split("\n")[0][:40]):
+            conv_ops.library_conv(x, w, *args)
+        return
+    got = conv_ops.library_conv(x, w, *args)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_backward_refuses_a_gradient_of_another_shape():
+    x, w, grad, stride, padding, dilation, groups = _operands(CASES[1])  # 4x6 pixels
+    swapped = grad.transpose(2, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="conv2d_cpu_backward: grad has shape"), \
+            torch.no_grad():
+        conv_ops.library_conv_backward(swapped, x, w, stride, padding, dilation, groups, True,
+                                       True)

@@ -209,7 +209,9 @@ void merge(SumsAcc& a, const SumsAcc& b) {
 // for n <= kPlaneChunk, below 2^-28, far under the fp32 result's rounding.
 template <typename T>
 StatsAcc chunk_stats(const T* __restrict__ x, int64_t n) {
-  const double shift = static_cast<float>(x[0]);
+  // an infinite first value would make every deviation NaN: its mean is +-inf (or NaN) anyway
+  const double first = static_cast<float>(x[0]);
+  const double shift = std::isfinite(first) ? first : 0.0;
   double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t k = 0; k < n; ++k) {
@@ -240,6 +242,7 @@ std::vector<StatsAcc> stats_nchw(const T* x, Geometry g) {
 template <typename Acc, typename ChunkFn>
 std::vector<Acc> reduce_nhwc(Geometry g, ChunkFn chunk_fn) {
   const int64_t C = g.channels;
+  if (C == 0) return {};  // no channels: nothing to reduce
   const int64_t rows = std::max<int64_t>(1, kNhwcChunkElements / C);
   const int64_t chunks = (g.outer + rows - 1) / rows;
   std::vector<Acc> partial(chunks * C);
@@ -352,7 +355,11 @@ std::vector<float> first_rows_mean(const T* x, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(x[r * C + c]);
   std::vector<float> mean(C);
-  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sum[c] / static_cast<double>(n));
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<float>(sum[c] / static_cast<double>(n));
+    if (!std::isfinite(mean[c])) mean[c] = 0.f;  // an inf there: an infinite shift makes
+                                                 // every deviation NaN; shift by 0
+  }
   return mean;
 }
 
@@ -373,7 +380,7 @@ bool sums_cancel(const std::vector<DeviationSums>& sums, double n) {
 template <typename T, typename ChunkSums>
 std::vector<StatsAcc> stats_nhwc(const T* x, Geometry g, ChunkSums chunk_sums) {
   const int64_t C = g.channels, rows = g.outer;
-  if (rows == 0) return std::vector<StatsAcc>(C);  // no values: count 0, NaN statistics
+  if (rows == 0 || C == 0) return std::vector<StatsAcc>(C);  // no values: count 0, NaN
   const double n = static_cast<double>(rows);
   std::vector<float> shift = first_rows_mean(x, rows, C);
   const auto sums_around = [&](const std::vector<float>& centre) {

@@ -74,15 +74,20 @@ Window window_of(const Tensor& input, const Tensor& weight, at::IntArrayRef stri
 // Whether conv2d_cpu(input, weight, ...) runs as a GEMM (the file comment).
 bool runs_as_gemm(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  // Anything unusual (empty tensors, a window larger than the padded input, invalid
+  // arguments) goes to aten, which computes it or raises aten's error.
   if (input.device().type() != at::kCPU || input.scalar_type() != at::kFloat ||
       weight.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
       groups != 1 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 ||
       stride[0] < 1 || stride[1] < 1 || padding[0] < 0 || padding[1] < 0 ||
+      dilation[0] < 1 || dilation[1] < 1 || input.numel() == 0 || weight.numel() == 0 ||
       input.size(1) != weight.size(1) || !input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !weight.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
   const Window win = window_of(input, weight, stride, padding);
-  if (win.h.out() < 1 || win.w.out() < 1 || input.size(0) < 1) return false;
+  if (input.size(2) + 2 * padding[0] < weight.size(2) ||
+      input.size(3) + 2 * padding[1] < weight.size(3))
+    return false;
   const int64_t pixels = input.size(0) * win.h.out() * win.w.out();
   if (win.pointwise()) return pixels <= kPointwisePixels;
   return dilation[0] == 1 && dilation[1] == 1 && pixels <= input.size(1);
@@ -164,8 +169,10 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, at::IntArrayRef str
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (runs_as_gemm(input, weight, stride, padding, dilation, groups)) {
     const Window win = window_of(input, weight, stride, padding);
+    // channels_last, unless the input is NCHW-contiguous too (one channel, or 1x1 pixels)
     return from_pixel_rows(at::mm(im2col(input, win), weight_matrix(weight).t()),
-                           input.size(0), win, weight.size(0));
+                           input.size(0), win, weight.size(0))
+        .contiguous(kernel_format(input));
   }
   return at::conv2d(input, weight, std::nullopt, stride, padding, dilation, groups)
       .contiguous(kernel_format(input));
@@ -185,6 +192,12 @@ std::tuple<Tensor, Tensor> conv2d_cpu_backward(const Tensor& grad, const Tensor&
             need_weight ? grad_weight : at::empty({0}, weight.options())};
   }
   const Window win = window_of(input, weight, stride, padding);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == input.size(0) &&
+                  grad.size(1) == weight.size(0) && grad.size(2) == win.h.out() &&
+                  grad.size(3) == win.w.out(),
+              "conv2d_cpu_backward: grad has shape ", grad.sizes(), " but the convolution's "
+              "output has shape [", input.size(0), ", ", weight.size(0), ", ", win.h.out(), ", ",
+              win.w.out(), "]");
   const Tensor g = pixel_rows(grad.contiguous(at::MemoryFormat::ChannelsLast));
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, weight.options());

@@ -145,7 +145,7 @@ def test_cpu_steps_are_the_python_path(monkeypatch, channels_last, dtype):
     Bottleneck's output, every gradient and every running statistic are bitwise those of the
     Python path (forced here by turning the steps off), for a training step and for an eval
     BN + add + ReLU under autograd; and the steps really ran (the profiler sees their ops), with
-    the same library conv (conv2d_cpu: GEMMs for the 1x1 convs in fp32 channels_last)."""
+    the same library conv (conv2d_cpu: GEMMs for the 1x1 convs in channels_last)."""
     import copy
 
     import torchvision
@@ -185,8 +185,10 @@ def test_cpu_steps_are_the_python_path(monkeypatch, channels_last, dtype):
     assert {"fused_resnet::bn_add_relu_step", "fused_resnet::bn_add_relu_step_backward",
             "fused_resnet::bn_relu_conv2d_bn_stats_step",
             "fused_resnet::bn_relu_conv2d_bn_stats_step_backward"} <= names, sorted(names)
-    # fp32 channels_last: the 1x1 convs over 25 pixels ran as GEMMs (csrc/cpu/conv_gemm.cpp)
-    assert ("aten::mm" in names) == (channels_last and dtype == torch.float32), sorted(names)
+    # channels_last: the 1x1 convs over 25 pixels ran as GEMMs (csrc/cpu/conv_gemm.cpp), in
+    # bf16 where oneDNN has native bf16 kernels
+    gemm_dtype = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ("aten::mm" in names) == (channels_last and gemm_dtype), sorted(names)
     monkeypatch.setattr(eager, "cpu_step", lambda *args: False)
     python = run(twin)
     assert len(stepped) == len(python)

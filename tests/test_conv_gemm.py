@@ -1,10 +1,12 @@
 """The library conv of the CPU training paths (csrc/cpu/conv_gemm.cpp, ops.conv.library_conv):
-an fp32 channels_last convolution (one group) runs as one GEMM over its output pixels' windows
+an fp32 channels_last convolution (one group; bf16 too where oneDNN has native bf16) runs as
+one GEMM over its output pixels' windows
 where it is a 1x1 without padding over at most 2048 output pixels, or a larger window over no
 more output pixels than input channels; anything else as oneDNN's conv. Either way its output and both
 gradients are as exact as PyTorch's own conv (against float64, verify.compare's criterion), in
 the input's memory format, and the GEMM's weight gradient has the weight's own strides (what
-autograd accumulates into without a copy)."""
+autograd accumulates into without a copy). An NCHW weight (an NCHW model computing in
+channels_last, fuse_'s cpu_channels_last) takes the GEMM too, through a channels_last copy."""
 
 import pytest
 import torch
@@ -17,7 +19,11 @@ from fused_resnet.verify import compare
 pytestmark = pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None,
                                 reason="fused_resnet._C is not built")
 
-# (input shape, out channels, kernel, stride, padding, groups, channels_last, dtype, gemm)
+# bf16 convolutions run as GEMMs where oneDNN (and so at::mm) has native bf16 kernels
+BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+# (input shape, out channels, kernel, stride, padding, groups, channels_last, dtype, gemm);
+# channels_last "input": input and gradient channels_last, the weight NCHW
 CASES = [
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.float32, True),      # a bottleneck's 1x1
     ((2, 32, 4, 6), 48, 1, 1, 0, 1, True, torch.float32, True),      # H != W
@@ -38,19 +44,30 @@ CASES = [
     ((1, 64, 8, 8), 16, 7, 2, 3, 1, True, torch.float32, True),      # a 7x7 stem-like window
     ((2, 64, 4, 4), 48, 3, 1, 1, 1, False, torch.float32, False),    # 3x3 NCHW
     ((2, 32, 5, 5), 48, 1, 1, 0, 2, True, torch.float32, False),     # grouped
-    ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.bfloat16, False),    # bf16
+    ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.bfloat16, BF16_GEMM),  # bf16 1x1
+    ((2, 64, 4, 4), 48, 3, 1, 1, 1, True, torch.bfloat16, BF16_GEMM),  # bf16 3x3
+    ((2, 32, 5, 5), 48, 3, 1, 1, 1, True, torch.bfloat16, False),      # bf16, 50 px > 32
+    ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.float16, False),       # fp16: oneDNN
+    ((2, 64, 4, 4), 48, 3, 1, 1, 1, "input", torch.float32, True),   # 3x3, NCHW weight
+    ((2, 64, 7, 5), 48, 3, 2, 1, 1, "input", torch.float32, True),   # the same, stride 2
+    ((2, 32, 6, 6), 48, 1, 2, 0, 1, "input", torch.float32, True),   # 1x1 (both formats)
+    ((2, 32, 5, 5), 48, 3, 1, 1, 1, "input", torch.float32, False),  # oneDNN, NCHW weight
 ]
 
 
 # GEMM 1x1s (channels_last, NCHW-contiguous too, strided), oneDNN's 3x3, GEMM windows (3x3
-# over 1x1 pixels, 3x3, 7x7)
-SOME = [CASES[i] for i in (0, 5, 8, 6, 12, 13, 16)]
+# over 1x1 pixels, 3x3, 7x7), bf16, a 3x3 with an NCHW weight
+SOME = [CASES[i] for i in (0, 5, 8, 6, 12, 13, 16, 19, 20, 23)]
 
 
 def _ids(case):
     shape, out, k, stride, pad, groups, cl, dtype, gemm = case
     return (f"{'x'.join(map(str, shape))}-o{out}-k{k}s{stride}g{groups}-"
-            f"{'nhwc' if cl else 'nchw'}-{str(dtype)[6:]}-{'gemm' if gemm else 'onednn'}")
+            f"{_format_id(cl)}-{str(dtype)[6:]}-{'gemm' if gemm else 'onednn'}")
+
+
+def _format_id(cl) -> str:
+    return "nhwc-nchw_weight" if cl == "input" else "nhwc" if cl else "nchw"
 
 
 def _operands(case, seed=0):
@@ -62,7 +79,8 @@ def _operands(case, seed=0):
     grad = torch.randn(shape[0], out, (shape[2] + 2 * pad - k) // stride + 1,
                        (shape[3] + 2 * pad - k) // stride + 1, generator=g).to(dtype)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    return (x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt),
+    weight_fmt = torch.channels_last if cl is True else torch.contiguous_format
+    return (x.contiguous(memory_format=fmt), w.contiguous(memory_format=weight_fmt),
             grad.contiguous(memory_format=fmt), [stride] * 2, [pad] * 2, [1, 1], groups)
 
 

@@ -1,5 +1,6 @@
-// The library convolution of the CPU training paths: a 1x1 convolution over few pixels as one
-// GEMM, anything else as at::conv2d (oneDNN). See conv_gemm.cpp.
+// The library convolution of the CPU training paths: a convolution over few pixels (fp32, or bf16
+// where native; channels_last) as one GEMM, anything else as at::conv2d (oneDNN). See
+// conv_gemm.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 

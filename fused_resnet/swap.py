@@ -34,18 +34,23 @@ def _fused_for() -> dict:
     return table
 
 
-def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
-          ) -> nn.Module:
+def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+          cpu_channels_last: bool = True) -> nn.Module:
     """Replace, in place, every torchvision / timm BasicBlock and Bottleneck and every ResNet
     stem in `model` (for which filter_fn(module, fully_qualified_name) is true, if given) with
     its fused counterpart. Idempotent; keeps weights, buffers, train/eval mode, device and
     dtype. Returns `model`; what was swapped and what was left (with the reason) is in
     model.fused_resnet_report = {"fused": [names], "left": {name: reason}, "hooked": {name:
     reason}}, "hooked" naming the fused blocks that compute through their original modules
-    while hooks on their inner modules are registered (fused_resnet.modules.unfused)."""
+    while hooks on their inner modules are registered (fused_resnet.modules.unfused).
+
+    cpu_channels_last: on the CPU, a fused stem given an NCHW input computes in channels_last,
+    so everything after it does too (the same values; the tensors between the model's modules,
+    what hooks and a backbone's features see, are channels_last then; parameters untouched).
+    False keeps the input's layout throughout. Calling fuse_ again sets it anew."""
     report = {"fused": [], "left": {}, "hooked": {}}
     for fqn, module in list(model.named_modules()):
-        _fuse_stem(module, fqn, filter_fn, report)
+        _fuse_stem(module, fqn, filter_fn, report, cpu_channels_last)
     _fuse_children(model, "", _fused_for(), filter_fn, report)
     for module in model.modules():
         if stage_of(module):  # its blocks may hand each other their outputs
@@ -80,7 +85,7 @@ def _is_layer_getter_stem(module: nn.Module) -> bool:
     return names == ["conv1", "bn1", "relu"] and not set(names) & set(module.return_layers)
 
 
-def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report) -> None:
+def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report, cpu_channels_last) -> None:
     """conv1 -> bn1 -> relu/act1 of a ResNet, reported under the conv's name. timm's deep stems
     (conv1 = Sequential(conv, bn, relu, conv, bn, relu, conv)) fuse each triple inside and
     their last conv with bn1."""
@@ -92,27 +97,30 @@ def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report) -> None:
         report["left"][fqn] = f"{type(resnet).__name__} overrides forward"
         return
     if type(resnet.conv1) is nn.Sequential:
-        _fuse_sequential_stem(resnet.conv1, fqn, filter_fn, report)
+        _fuse_sequential_stem(resnet.conv1, fqn, filter_fn, report, cpu_channels_last)
         owner, name = resnet.conv1, str(len(resnet.conv1) - 1)
         fqn = f"{fqn}.{name}"
     else:
         owner, name = resnet, "conv1"
-    _fuse_triple(owner, name, resnet, "bn1", getattr(resnet, act), fqn, filter_fn, report)
+    _fuse_triple(owner, name, resnet, "bn1", getattr(resnet, act), fqn, filter_fn, report,
+                 cpu_channels_last)
 
 
-def _fuse_sequential_stem(stem: nn.Sequential, prefix: str, filter_fn, report) -> None:
+def _fuse_sequential_stem(stem: nn.Sequential, prefix: str, filter_fn, report,
+                          cpu_channels_last) -> None:
     for i in range(len(stem) - 2):
         _fuse_triple(stem, str(i), stem, str(i + 1), stem[i + 2], f"{prefix}.{i}", filter_fn,
-                     report, quiet=True)
+                     report, cpu_channels_last, quiet=True)
 
 
 def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, report,
-                 quiet=False) -> None:
+                 cpu_channels_last, quiet=False) -> None:
     """Fuse conv_owner.<conv_name> -> bn_owner.<bn_name> -> act if they are exactly
     Conv2d -> BatchNorm2d -> ReLU (quiet: say nothing when they are not a triple at all)."""
     conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
     if isinstance(conv, FusedStem):
         if conv.bn_in_place():
+            conv.compute_cpu_channels_last(cpu_channels_last)
             report["fused"].append(fqn)
             return
         conv = conv.original()  # its BN was replaced since (convert_sync_batchnorm): fuse anew
@@ -125,7 +133,7 @@ def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, 
     if filter_fn is not None and not filter_fn(conv, fqn):
         report["left"][fqn] = "excluded by filter_fn"
         return
-    stem, stem_bn = FusedStem.fuse(conv, bn_owner, bn_name)
+    stem, stem_bn = FusedStem.fuse(conv, bn_owner, bn_name, cpu_channels_last)
     setattr(conv_owner, conv_name, stem)
     setattr(bn_owner, bn_name, stem_bn)
     report["fused"].append(fqn)

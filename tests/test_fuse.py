@@ -16,6 +16,7 @@ from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet as fr
+from conftest import plain_twin
 from fused_resnet.bench.memory import saved_activation_bytes
 from fused_resnet.verify import compare, normwise_error
 
@@ -44,9 +45,11 @@ def _model(name, **kwargs):
     return model
 
 
-def _three(model):
-    """(fused, plain fp32, plain fp64) copies of one model."""
-    return fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model).double()
+def _three(model, cpu=True, **fuse_kwargs):
+    """(fused, plain fp32, plain fp64) copies of one model; the plain fp32 one computes in the
+    layout the fused one does (conftest.plain_twin)."""
+    plain = plain_twin(model, cpu, fuse_kwargs.get("cpu_channels_last", True))
+    return fr.fuse_(copy.deepcopy(model), **fuse_kwargs), plain, copy.deepcopy(model).double()
 
 
 def _assert_close_to_reference(name, got, plain, ref64):
@@ -55,12 +58,15 @@ def _assert_close_to_reference(name, got, plain, ref64):
 
 
 @pytest.mark.parametrize("name", CONSTRUCTORS)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["nchw", "nhwc"])
-def test_eval_matches_torchvision(name, memory_format):
-    """On a CPU: oneDNN's fused convs, unpacked weights for NCHW, prepacked for channels_last
-    (with the stage's donated residuals)."""
-    fused, plain, ref = (m.eval().to(memory_format=memory_format) for m in _three(_model(name)))
+@pytest.mark.parametrize("memory_format, inside", [
+    (torch.contiguous_format, True), (torch.contiguous_format, False),
+    (torch.channels_last, True)], ids=["nchw", "nchw-kept", "nhwc"])
+def test_eval_matches_torchvision(name, memory_format, inside):
+    """On a CPU: oneDNN's fused convs, prepacked for channels_last (with the stage's donated
+    residuals), which an NCHW model computes in from its stem on (NCHW weights), unpacked for
+    an NCHW model kept NCHW (cpu_channels_last=False)."""
+    model = _model(name).to(memory_format=memory_format)
+    fused, plain, ref = (m.eval() for m in _three(model, cpu_channels_last=inside))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
     with torch.no_grad():
         _assert_close_to_reference("eval logits", fused(x), plain(x), ref(x.double()))
@@ -101,8 +107,10 @@ def test_training_composition_exact_in_float64(name):
         torch.testing.assert_close(b, c, rtol=1e-7, atol=1e-9, msg=lambda m: f"{bname}: {m}")
 
 
-@pytest.mark.parametrize("name", CONSTRUCTORS)
-def test_training_steps_match_torchvision(name):
+@pytest.mark.parametrize("name, inside", [pytest.param(name, True) for name in FAST] + [
+    pytest.param(name, True, marks=pytest.mark.slow) for name in SLOW] + [
+    pytest.param("resnet18", False), pytest.param("resnet50", False)])
+def test_training_steps_match_torchvision(name, inside):
     """fp32 with the default (C++) kernels, three training steps: logits vs float64 (2x the
     plain model's error), running statistics, and gradients as a normwise sanity bound.
     Gradient exactness is test_training_composition_exact_in_float64's job: in fp32 a ReLU
@@ -112,12 +120,14 @@ def test_training_steps_match_torchvision(name):
     per channel), 3e-6 on another seed. A flip early in the network moves every gradient
     upstream of it: 6.6e-3 over all of resnet18's gradients at one step (every tensor upstream
     of layer2.0 ~6e-3, everything else 5e-6, the plain model 6.5e-3 at the step before) when
-    the C++ kernels began to run with AVX-512 FMAs. A wrong or missing term is O(1): bounds of
-    0.1 per tensor and 2e-2 over all gradients together (or 4x the plain model's) still catch
-    it."""
-    model = _model(name)
-    fused, plain, ref = fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), \
-        copy.deepcopy(model).double()
+    the C++ kernels began to run with AVX-512 FMAs. Over all gradients of three steps (64x64
+    batches of 4), with flips wherever they fall, PyTorch's own channels_last resnet50 was
+    4.4e-2 off float64 at one step (its NCHW model 1.6e-2), its channels_last resnet34 5.4e-3
+    and 1.1e-2 where its NCHW model stayed at 9e-6 and the fused model (channels_last inside)
+    was 2.7e-2 and 1.1e-2; a model kept NCHW (cpu_channels_last=False) 9e-6. A wrong or missing
+    term is O(1): bounds of 0.1 per tensor and 5e-2 over all gradients together (or 4x the
+    plain model's) still catch it."""
+    fused, plain, ref = _three(_model(name), cpu_channels_last=inside)
     for step, ((logits, grads), (logits_p, grads_p), (logits_r, grads_r)) in \
             _train_steps([fused, plain, ref]):
         _assert_close_to_reference(f"step {step} logits", logits, logits_p, logits_r)
@@ -127,7 +137,7 @@ def test_training_steps_match_torchvision(name):
                 f"step {step} grad {pname}: normwise error {err:.2e}, plain {err_plain:.2e}"
         flat = [torch.cat([t.flatten().double() for t in gs]) for gs in (grads, grads_p, grads_r)]
         err, err_plain = normwise_error(flat[0], flat[2]), normwise_error(flat[1], flat[2])
-        assert err <= max(4 * err_plain, 2e-2), f"step {step} all gradients: {err:.2e}"
+        assert err <= max(4 * err_plain, 5e-2), f"step {step} all gradients: {err:.2e}"
     for (bname, b), c, r in zip(fused.named_buffers(), plain.buffers(), ref.buffers()):
         if b.dtype == torch.long:
             assert torch.equal(b, c), bname
@@ -286,6 +296,31 @@ def test_constructor_options(kwargs):
             _assert_close_to_reference(f"{mode} logits", fused(x), plain(x), ref(x.double()))
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["channels_last", "kept"])
+def test_nchw_model_computes_in_channels_last_on_cpu(inside):
+    """fuse_ runs an NCHW model in channels_last on the CPU from its stem on (cpu_channels_last,
+    the default): what a hook on a stage sees is channels_last, the parameters stay as they
+    were, the input's gradient comes back NCHW and as exact as PyTorch's. False keeps NCHW
+    throughout; fuse_ again sets it anew."""
+    fused, plain, ref = (m.train() for m in _three(_model("resnet18"), cpu_channels_last=inside))
+    seen = []
+    fused.layer1.register_forward_hook(lambda module, args, output: seen.append(output))
+    grads = []
+    for model, dtype in ((fused, torch.float32), (plain, torch.float32), (ref, torch.float64)):
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+                        dtype=dtype).requires_grad_()
+        model(x).square().sum().backward()
+        grads.append(x.grad)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) == inside
+    assert seen[0].is_contiguous() != inside
+    assert grads[0].is_contiguous()
+    assert all(p.is_contiguous() for p in fused.parameters())
+    _assert_close_to_reference("input gradient", *grads)
+    fr.fuse_(fused, cpu_channels_last=not inside)
+    fused(torch.randn(2, 3, 32, 32))
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) != inside
+
+
 def test_channels_last_inference_mode_and_frozen_backbone():
     model = _model("resnet50").eval()
     fused = fr.fuse_(copy.deepcopy(model)).to(memory_format=torch.channels_last)
@@ -418,7 +453,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 def test_models_cuda_low_precision(name, dtype, training):
     """channels_last, autocast to bf16/fp16 on CUDA: logits vs the unfused model under the same
     autocast, both vs the float64 model (2x the unfused model's own error)."""
-    fused, plain, ref = (m.cuda().train(training) for m in _three(_model(name)))
+    fused, plain, ref = (m.cuda().train(training) for m in _three(_model(name), cpu=False))
     fused = fused.to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -436,15 +471,31 @@ def test_training_gradients_cuda_autocast(name, dtype):
     vs the float64 model's, normwise, within 4x the unfused model's own error under the same
     autocast (or 0.05: bf16 gradients carry ~1e-2 relative error, a wrong term is O(1));
     running statistics vs float64 at 2x the unfused model's error."""
-    fused, plain, ref = (m.cuda().train() for m in _three(_model(name)))
-    fused = fused.to(memory_format=torch.channels_last)
-    for step in range(3):
-        x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-        target = torch.randint(0, 10, (8,), device="cuda")
+    fused, plain, ref = (m.cuda().train() for m in _three(_model(name), cpu=False))
+    _assert_autocast_training(fused.to(memory_format=torch.channels_last), plain, ref, "cuda",
+                              dtype, steps=3, batch=8)
+
+
+@pytest.mark.parametrize("name", ["resnet50", pytest.param("timm:resnet50d",
+                                                           marks=pytest.mark.slow)])
+def test_training_gradients_cpu_autocast_bfloat16(name):
+    """The same on a CPU under bf16 autocast, NCHW input (computed in channels_last), where the
+    convolutions over few pixels run as bf16 GEMMs (csrc/cpu/conv_gemm.cpp) where oneDNN has
+    native bf16, oneDNN's elsewhere."""
+    fused, plain, ref = (m.train() for m in _three(_model(name)))
+    _assert_autocast_training(fused, plain, ref, "cpu", torch.bfloat16, steps=2, batch=4)
+
+
+def _assert_autocast_training(fused, plain, ref, device, dtype, steps, batch):
+    for step in range(steps):
+        x = torch.randn(batch, 3, 64, 64, device=device)
+        if device == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 10, (batch,), device=device)
         grads = []
         for model, autocast in ((fused, True), (plain, True), (ref, False)):
             model.zero_grad()
-            with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            with torch.autocast(device, dtype=dtype, enabled=autocast):
                 logits = model(x.double() if model is ref else x)
             torch.nn.functional.cross_entropy(logits.double(), target).backward()
             grads.append([p.grad for p in model.parameters()])

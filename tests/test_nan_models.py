@@ -3,7 +3,9 @@ the same logits are NaN, the same are +-inf, and the other images' logits still 
 as closely as PyTorch's own (fused_resnet.verify.compare). On a CPU this covers the oneDNN
 fast path, whose ReLU post-op would turn NaN into 0 (fused_resnet.ops.conv_mkldnn), in eval
 (folded, prepacked) and training (batch statistics), NCHW and channels_last; and a NaN made
-inside the network from a finite input (an overflow to inf, then inf - inf or inf * 0)."""
+inside the network from a finite input (an overflow to inf, then inf - inf or inf * 0). An
+NCHW model computes in channels_last from its stem on unless fused with
+cpu_channels_last=False ("nchw-kept"), whose NCHW kernels are covered too."""
 
 import copy
 import math
@@ -14,20 +16,22 @@ import torch.nn.functional as F
 import torchvision
 
 import fused_resnet as fr
-from conftest import randomise_batchnorms
+from conftest import plain_twin, randomise_batchnorms
 from fused_resnet.ops import conv_mkldnn
 from fused_resnet.verify import compare
 
-MEMORY_FORMATS = [pytest.param(torch.contiguous_format, id="nchw"),
-                  pytest.param(torch.channels_last, id="nhwc")]
+MEMORY_FORMATS = [pytest.param(torch.contiguous_format, True, id="nchw"),
+                  pytest.param(torch.contiguous_format, False, id="nchw-kept"),
+                  pytest.param(torch.channels_last, True, id="nhwc")]
 
 
-def _models(arch: str, training: bool, memory_format):
+def _models(arch: str, training: bool, memory_format, inside: bool):
     """(fused, PyTorch fp32, PyTorch fp64) copies of one model with non-trivial BNs."""
     torch.manual_seed(0)
     model = randomise_batchnorms(getattr(torchvision.models, arch)(num_classes=10))
     model = model.train(training).to(memory_format=memory_format)
-    return fr.fuse_(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model).double()
+    return (fr.fuse_(copy.deepcopy(model), cpu_channels_last=inside),
+            plain_twin(model, cpu_channels_last=inside), copy.deepcopy(model).double())
 
 
 def _batch(memory_format, special: str) -> torch.Tensor:
@@ -60,10 +64,10 @@ CASES = [pytest.param(False, "nan_inf", id="eval-nan_inf"),
 
 
 @pytest.mark.parametrize("training, special", CASES)
-@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("memory_format, inside", MEMORY_FORMATS)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_model_keeps_non_finite_images(arch, memory_format, training, special):
-    fused, plain, ref = _models(arch, training, memory_format)
+def test_model_keeps_non_finite_images(arch, memory_format, inside, training, special):
+    fused, plain, ref = _models(arch, training, memory_format, inside)
     x = _batch(memory_format, special)
     with torch.no_grad():
         got, want, want64 = fused(x), plain(x), ref(x.double())

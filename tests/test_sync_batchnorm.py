@@ -8,7 +8,8 @@ slice of one global batch; the unfused model with plain BatchNorm2d (fp32, and f
 whole batch. Then, per process: its outputs are its slice of the reference outputs; its
 gradients, summed over the processes, are the reference's (the loss is a sum over samples);
 the running statistics and num_batches_tracked are the reference's, over two steps.
-convert_sync_batchnorm before fuse_ and after it."""
+convert_sync_batchnorm before fuse_ and after it. The fp32 reference computes in the layout the
+fused model does (channels_last from the stem on: conftest.plain_twin)."""
 
 import copy
 import os
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import plain_twin
 from fused_resnet.verify import compare, normwise_error
 
 WORLD = 2
@@ -87,9 +89,11 @@ def _reference(name, sizes):
     total = sum(sizes)
     batches = [torch.randn(total, 3, 48, 48) for _ in range(2)]
     weights = [torch.randn(total, 10) for _ in range(2)]
-    plain, ref = _model(name).train(), _model(name).train().double()
+    plain, ref = plain_twin(_model(name).train()), _model(name).train().double()
+    nchw = _model(name).train()
     return (_steps(plain, batches, weights), [b.clone() for b in plain.buffers()],
-            _steps(ref, batches, weights), [b.clone() for b in ref.buffers()])
+            _steps(ref, batches, weights), [b.clone() for b in ref.buffers()],
+            _steps(nchw, batches, weights))
 
 
 @pytest.mark.parametrize("name, sizes, when", [
@@ -100,20 +104,25 @@ def _reference(name, sizes):
 def test_sync_batchnorm_fused_matches_the_global_batch(tmp_path, name, sizes, when):
     mp.spawn(_worker, args=(_free_port(), name, sizes, when, str(tmp_path)), nprocs=WORLD,
              join=True)
-    plain, plain_buffers, ref, ref_buffers = _reference(name, sizes)
+    plain, plain_buffers, ref, ref_buffers, nchw = _reference(name, sizes)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["report"]["left"] == {}, result["report"]
         assert len(result["report"]["fused"]) == (9 if name == "resnet18" else 17)
         assert result["sync"] > 0
         lo, hi = result["slice"]
-        for step, ((out, grads), (out_p, grads_p), (out_r, grads_r)) in \
-                enumerate(zip(result["got"], plain, ref)):
+        for step, ((out, grads), (out_p, grads_p), (out_r, grads_r), (_, grads_n)) in \
+                enumerate(zip(result["got"], plain, ref, nchw)):
             c = compare(f"rank {rank} step {step} output", out, out_r[lo:hi], out_p[lo:hi])
             assert c.ok, c
-            for i, (g, gp, gr) in enumerate(zip(grads, grads_p, grads_r)):
-                # normwise, 4x the plain model's error (test_fuse.py's fp32 training bound)
-                err, err_plain = normwise_error(g, gr), normwise_error(gp, gr)
+            for i, (g, gp, gr, gn) in enumerate(zip(grads, grads_p, grads_r, grads_n)):
+                # normwise, 4x PyTorch's error (test_fuse.py's fp32 training bound), the larger
+                # of its channels_last and NCHW models': where a ReLU input lies within
+                # rounding of zero either may flip it, moving upstream gradients (test_fuse's
+                # test_training_steps_match_torchvision); resnet50, one parameter: fused
+                # 1.6e-2, PyTorch channels_last 2.4e-3
+                err = normwise_error(g, gr)
+                err_plain = max(normwise_error(gp, gr), normwise_error(gn, gr))
                 assert err <= max(4 * err_plain, 1e-4), \
                     f"rank {rank} step {step} parameter {i}: {err:.2e} (plain {err_plain:.2e})"
         for i, (b, bp, br) in enumerate(zip(result["buffers"], plain_buffers, ref_buffers)):

@@ -11,7 +11,9 @@
                    training graphs, where it would repeat `compile`.
     fused          fr.fuse_(eager_cl), backend auto
     fused_nchw     fr.fuse_(eager): the fused model of an NCHW model, as fuse_ of a torchvision
-                   model gives it unless the user converts it (opt-in; compare with eager)
+                   model gives it unless the user converts it (on CPU it computes in
+                   channels_last from its stem on; opt-in; compare with eager)
+    fused_nchw_kept fr.fuse_(eager, cpu_channels_last=False): NCHW throughout (opt-in)
     fused_compile  torch.compile(fused), default mode
     fused_cuda     fused, forced to the C++/CUDA kernels: BN ops, and the CUTLASS convs
                    wherever they apply (when built with CUTLASS; library convs elsewhere)
@@ -35,7 +37,7 @@ from fused_resnet import backend
 DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cuda", "fused_triton")
 CPU_DEFAULT_PROVIDERS = ("eager", "eager_cl", "compile", "compile_freeze", "fused")
 ALL_PROVIDERS = DEFAULT_PROVIDERS + ("compile_freeze", "compile_max", "fused_compile",
-                                     "fused_nchw")
+                                     "fused_nchw", "fused_nchw_kept")
 BASELINE = "eager_cl"
 
 
@@ -108,8 +110,9 @@ def build(name: str, model: nn.Module, device: str, dtype: torch.dtype) -> Runne
     model = copy.deepcopy(model).to(device)
     if name == "eager":
         return Runner(name, model, device, dtype, channels_last=False)
-    if name == "fused_nchw":
-        return Runner(name, fr.fuse_(model), device, dtype, channels_last=False)
+    if name in ("fused_nchw", "fused_nchw_kept"):
+        fused = fr.fuse_(model, cpu_channels_last=name == "fused_nchw")
+        return Runner(name, fused, device, dtype, channels_last=False)
     model = model.to(memory_format=torch.channels_last)
     if name == "eager_cl":
         return Runner(name, model, device, dtype, True)

@@ -4,8 +4,8 @@ one GEMM over its output pixels' windows
 where it is a 1x1 without padding over at most 2048 output pixels, or a larger window over no
 more output pixels than input channels; anything else as oneDNN's conv. Either way its output and both
 gradients are as exact as PyTorch's own conv (against float64, verify.compare's criterion), in
-the input's memory format, and the GEMM's weight gradient has the weight's own strides (what
-autograd accumulates into without a copy). An NCHW weight (an NCHW model computing in
+the input's memory format, and the weight gradient has the weight's own strides (what
+autograd accumulates into without a copy, and what the fakes say). An NCHW weight (an NCHW model computing in
 channels_last, fuse_'s cpu_channels_last) takes the GEMM too, through a channels_last copy."""
 
 import pytest
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(backend.why_not("cpp", "cpu") is not None,
 BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 # (input shape, out channels, kernel, stride, padding, groups, channels_last, dtype, gemm);
-# channels_last "input": input and gradient channels_last, the weight NCHW
+# channels_last "input": input and gradient channels_last, the weight NCHW; "weight": the
+# reverse
 CASES = [
     ((2, 32, 5, 5), 48, 1, 1, 0, 1, True, torch.float32, True),      # a bottleneck's 1x1
     ((2, 32, 4, 6), 48, 1, 1, 0, 1, True, torch.float32, True),      # H != W
@@ -52,12 +53,14 @@ CASES = [
     ((2, 64, 7, 5), 48, 3, 2, 1, 1, "input", torch.float32, True),   # the same, stride 2
     ((2, 32, 6, 6), 48, 1, 2, 0, 1, "input", torch.float32, True),   # 1x1 (both formats)
     ((2, 32, 5, 5), 48, 3, 1, 1, 1, "input", torch.float32, False),  # oneDNN, NCHW weight
+    ((2, 32, 5, 5), 48, 3, 1, 1, 1, "weight", torch.float32, False),  # NCHW input, CL weight
 ]
 
 
 # GEMM 1x1s (channels_last, NCHW-contiguous too, strided), oneDNN's 3x3, GEMM windows (3x3
-# over 1x1 pixels, 3x3, 7x7), bf16, a 3x3 with an NCHW weight
-SOME = [CASES[i] for i in (0, 5, 8, 6, 12, 13, 16, 19, 20, 23)]
+# over 1x1 pixels, 3x3, 7x7), bf16, a 3x3 with an NCHW weight (GEMM and oneDNN), an NCHW
+# input with a channels_last weight (oneDNN)
+SOME = [CASES[i] for i in (0, 5, 8, 6, 12, 13, 16, 19, 20, 23, 26, 27)]
 
 
 def _ids(case):
@@ -67,7 +70,8 @@ def _ids(case):
 
 
 def _format_id(cl) -> str:
-    return "nhwc-nchw_weight" if cl == "input" else "nhwc" if cl else "nchw"
+    return {"input": "nhwc-nchw_weight", "weight": "nchw-nhwc_weight"}.get(
+        cl, "nhwc" if cl else "nchw")
 
 
 def _operands(case, seed=0):
@@ -78,8 +82,8 @@ def _operands(case, seed=0):
     w = w.to(dtype)
     grad = torch.randn(shape[0], out, (shape[2] + 2 * pad - k) // stride + 1,
                        (shape[3] + 2 * pad - k) // stride + 1, generator=g).to(dtype)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    weight_fmt = torch.channels_last if cl is True else torch.contiguous_format
+    fmt = torch.channels_last if cl in (True, "input") else torch.contiguous_format
+    weight_fmt = torch.channels_last if cl in (True, "weight") else torch.contiguous_format
     return (x.contiguous(memory_format=fmt), w.contiguous(memory_format=weight_fmt),
             grad.contiguous(memory_format=fmt), [stride] * 2, [pad] * 2, [1, 1], groups)
 
@@ -109,11 +113,11 @@ def test_library_conv_as_exact_as_pytorch(case):
         c = compare(name, got, r64, r)
         assert c.ok, f"{name}: error {c.error:.3g} > allowed {c.allowed:.3g} " \
                      f"(PyTorch's {c.pytorch_error:.3g})"
-    cl = case[6] and not x.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    # the input's kernel format and the weight's strides, whichever path ran (what the fakes
+    # say: aten alone would give channels_last for an NCHW input with a channels_last weight)
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     assert z.is_contiguous(memory_format=fmt) and grad_x.is_contiguous(memory_format=fmt)
-    if case[-1]:  # the GEMM: the weight gradient in the weight's strides
-        assert grad_w.stride() == w.stride()
+    assert grad_w.stride() == w.stride()
 
 
 @pytest.mark.parametrize("case", SOME, ids=_ids)

@@ -296,28 +296,32 @@ def test_constructor_options(kwargs):
             _assert_close_to_reference(f"{mode} logits", fused(x), plain(x), ref(x.double()))
 
 
+@pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "grayscale"])
 @pytest.mark.parametrize("inside", [True, False], ids=["channels_last", "kept"])
-def test_nchw_model_computes_in_channels_last_on_cpu(inside):
+def test_nchw_model_computes_in_channels_last_on_cpu(inside, channels):
     """fuse_ runs an NCHW model in channels_last on the CPU from its stem on (cpu_channels_last,
-    the default): what a hook on a stage sees is channels_last, the parameters stay as they
-    were, the input's gradient comes back NCHW and as exact as PyTorch's. False keeps NCHW
-    throughout; fuse_ again sets it anew."""
-    fused, plain, ref = (m.train() for m in _three(_model("resnet18"), cpu_channels_last=inside))
+    the default): what a hook on a stage sees is channels_last (a one-channel input, whose
+    strides say nothing, too: the stem converts its output then), the parameters keep their
+    layout, the input's gradient is as exact as PyTorch's. False keeps NCHW throughout;
+    fuse_ again sets it anew."""
+    model = _model("resnet18")
+    if channels == 1:
+        model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    fused, plain, ref = (m.train() for m in _three(model, cpu_channels_last=inside))
     seen = []
     fused.layer1.register_forward_hook(lambda module, args, output: seen.append(output))
     grads = []
     for model, dtype in ((fused, torch.float32), (plain, torch.float32), (ref, torch.float64)):
-        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+        x = torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(1),
                         dtype=dtype).requires_grad_()
         model(x).square().sum().backward()
         grads.append(x.grad)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) == inside
     assert seen[0].is_contiguous() != inside
-    assert grads[0].is_contiguous()
-    assert all(p.is_contiguous() for p in fused.parameters())
+    assert fused.conv1.weight.is_contiguous() and fused.layer1[0].conv1.weight.is_contiguous()
     _assert_close_to_reference("input gradient", *grads)
     fr.fuse_(fused, cpu_channels_last=not inside)
-    fused(torch.randn(2, 3, 32, 32))
+    fused(torch.randn(2, channels, 32, 32))
     assert seen[1].is_contiguous(memory_format=torch.channels_last) != inside
 
 
@@ -349,12 +353,17 @@ def test_folded_weights_follow_parameter_updates():
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_torch_compile_fullgraph_fused_resnet18(training):
+@pytest.mark.parametrize("training, backend", [(False, "aot_eager"), (True, "aot_eager"),
+                                               (True, "inductor")],
+                         ids=["eval", "train", "train-inductor"])
+def test_torch_compile_fullgraph_fused_resnet18(training, backend):
+    """aot_eager: the same kernels as eager, traced; inductor also holds every custom op's
+    output to the strides its fake kernel promised (an NCHW model computing in channels_last
+    passes channels_last inputs with NCHW weights)."""
     model = fr.fuse_(_model("resnet18")).train(training)
     twin = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
-    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend=backend)
     if training:
         out, out_c = model(x), compiled(x)
         out.sum().backward()

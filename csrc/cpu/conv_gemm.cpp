@@ -37,6 +37,7 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -79,11 +80,14 @@ Window window_of(const Tensor& input, const Tensor& weight, at::IntArrayRef stri
 
 // Whether oneDNN has native bf16 kernels here (AVX-512 BF16 / AMX), which at::mm and the
 // convolutions then use alike; without them a bf16 at::mm takes a slow reference path.
+// A torch built without oneDNN registers no such op: no bf16 GEMMs there.
 bool native_bf16() {
-  static const bool supported = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
-                                    .typed<bool()>()
-                                    .call();
+  static const bool supported = [] {
+    if (!at::hasMKLDNN()) return false;
+    const auto op =
+        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    return op.has_value() && op->typed<bool()>().call();
+  }();
   return supported && at::globalContext().userEnabledMkldnn();
 }
 
@@ -129,17 +133,15 @@ Tensor weight_matrix(const Tensor& weight) {
   return dense.as_strided({dense.size(0), row}, {row, 1});
 }
 
-// The weight gradient from its (O, kh*kw*I) matrix in the weight's own strides, what autograd
-// accumulates into without a copy: a view for a channels_last weight, a copy for an NCHW one
-// (NCHW-contiguous for any other).
+// The weight gradient from its (O, kh*kw*I) matrix in the weight's own strides (what autograd
+// accumulates into without a copy, and what the fake kernels say: empty_like(weight)): a view
+// for a channels_last weight, a copy for any other (an NCHW model's).
 Tensor weight_from_matrix(const Tensor& rows, const Tensor& weight) {
   if (weight.is_contiguous(at::MemoryFormat::ChannelsLast))  // the rows' own order
     return rows.as_strided(weight.sizes(), weight.strides());
-  const Tensor nchw =
+  return at::empty_like(weight).copy_(
       rows.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)})
-          .permute({0, 3, 1, 2})
-          .contiguous();
-  return weight.is_contiguous() ? nchw.as_strided(weight.sizes(), weight.strides()) : nchw;
+          .permute({0, 3, 1, 2}));
 }
 
 // The input positions of kernel offsets (i, j) for the output pixels whose windows reach
@@ -184,18 +186,29 @@ Tensor col2im(const Tensor& grad_cols, const Tensor& input, const Window& win) {
   const int64_t n = input.size(0), c = input.size(1);
   if (win.pointwise() && win.h.stride == 1 && win.w.stride == 1)
     return from_pixel_rows(grad_cols, n, win, c);
-  Tensor grad_input =
-      at::empty(input.sizes(), input.options(), at::MemoryFormat::ChannelsLast).zero_();
+  // Overlapping windows add up to kh*kw gradients per position: in fp32 (bf16 rounded once at
+  // the end, as oneDNN's fp32-accumulating backward does), not rounded at every add
+  const bool widen = grad_cols.scalar_type() == at::kBFloat16 && !win.pointwise();
+  Tensor grad_input = at::empty(input.sizes(), input.options().dtype(
+                                    widen ? at::kFloat : input.scalar_type()),
+                                at::MemoryFormat::ChannelsLast)
+                          .zero_();
   const Tensor nhwc = grad_input.permute({0, 2, 3, 1});
   const Tensor windows =
-      grad_cols.view({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c});
+      (widen ? grad_cols.to(at::kFloat) : grad_cols)
+          .view({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c});
   for (int64_t i = 0; i < win.h.kernel; ++i)
     for (int64_t j = 0; j < win.w.kernel; ++j) {
       Tensor to, from;
       if (window_slices(nhwc, windows.select(3, i).select(3, j), win, i, j, to, from))
         to.add_(from);
     }
-  return grad_input;
+  return widen ? grad_input.to(input.scalar_type()) : grad_input;
+}
+
+// t in the strides of `like` (same shape): t itself when it has them.
+Tensor in_strides_of(const Tensor& t, const Tensor& like) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
 }
 
 }  // namespace
@@ -223,8 +236,12 @@ std::tuple<Tensor, Tensor> conv2d_cpu_backward(const Tensor& grad, const Tensor&
     auto [grad_input, grad_weight, unused_bias] = at::convolution_backward(
         grad, input, weight, std::nullopt, stride, padding, dilation, false, zero, groups,
         {need_input, need_weight, false});
-    return {need_input ? grad_input : at::empty({0}, input.options()),
-            need_weight ? grad_weight : at::empty({0}, weight.options())};
+    // aten picks channels_last when either operand is (a channels_last input with an NCHW
+    // weight: an NCHW model computing in channels_last); the fakes promise the input's kernel
+    // format and the weight's strides, as the GEMM gives them
+    return {need_input ? grad_input.contiguous(kernel_format(input))
+                       : at::empty({0}, input.options()),
+            need_weight ? in_strides_of(grad_weight, weight) : at::empty({0}, weight.options())};
   }
   const Window win = window_of(input, weight, stride, padding);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == input.size(0) &&

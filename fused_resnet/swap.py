@@ -50,7 +50,10 @@ def fuse_(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bo
     False keeps the input's layout throughout. Calling fuse_ again sets it anew."""
     report = {"fused": [], "left": {}, "hooked": {}}
     for fqn, module in list(model.named_modules()):
-        _fuse_stem(module, fqn, filter_fn, report, cpu_channels_last)
+        _fuse_stem(module, fqn, filter_fn, report)
+    for module in model.modules():  # new stems and those fused before alike
+        if isinstance(module, FusedStem):
+            module.set_cpu_channels_last(cpu_channels_last)
     _fuse_children(model, "", _fused_for(), filter_fn, report)
     for module in model.modules():
         if stage_of(module):  # its blocks may hand each other their outputs
@@ -85,7 +88,7 @@ def _is_layer_getter_stem(module: nn.Module) -> bool:
     return names == ["conv1", "bn1", "relu"] and not set(names) & set(module.return_layers)
 
 
-def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report, cpu_channels_last) -> None:
+def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report) -> None:
     """conv1 -> bn1 -> relu/act1 of a ResNet, reported under the conv's name. timm's deep stems
     (conv1 = Sequential(conv, bn, relu, conv, bn, relu, conv)) fuse each triple inside and
     their last conv with bn1."""
@@ -97,30 +100,27 @@ def _fuse_stem(resnet: nn.Module, prefix: str, filter_fn, report, cpu_channels_l
         report["left"][fqn] = f"{type(resnet).__name__} overrides forward"
         return
     if type(resnet.conv1) is nn.Sequential:
-        _fuse_sequential_stem(resnet.conv1, fqn, filter_fn, report, cpu_channels_last)
+        _fuse_sequential_stem(resnet.conv1, fqn, filter_fn, report)
         owner, name = resnet.conv1, str(len(resnet.conv1) - 1)
         fqn = f"{fqn}.{name}"
     else:
         owner, name = resnet, "conv1"
-    _fuse_triple(owner, name, resnet, "bn1", getattr(resnet, act), fqn, filter_fn, report,
-                 cpu_channels_last)
+    _fuse_triple(owner, name, resnet, "bn1", getattr(resnet, act), fqn, filter_fn, report)
 
 
-def _fuse_sequential_stem(stem: nn.Sequential, prefix: str, filter_fn, report,
-                          cpu_channels_last) -> None:
+def _fuse_sequential_stem(stem: nn.Sequential, prefix: str, filter_fn, report) -> None:
     for i in range(len(stem) - 2):
         _fuse_triple(stem, str(i), stem, str(i + 1), stem[i + 2], f"{prefix}.{i}", filter_fn,
-                     report, cpu_channels_last, quiet=True)
+                     report, quiet=True)
 
 
 def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, report,
-                 cpu_channels_last, quiet=False) -> None:
+                 quiet=False) -> None:
     """Fuse conv_owner.<conv_name> -> bn_owner.<bn_name> -> act if they are exactly
     Conv2d -> BatchNorm2d -> ReLU (quiet: say nothing when they are not a triple at all)."""
     conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
     if isinstance(conv, FusedStem):
         if conv.bn_in_place():
-            conv.compute_cpu_channels_last(cpu_channels_last)
             report["fused"].append(fqn)
             return
         conv = conv.original()  # its BN was replaced since (convert_sync_batchnorm): fuse anew
@@ -133,7 +133,7 @@ def _fuse_triple(conv_owner, conv_name, bn_owner, bn_name, act, fqn, filter_fn, 
     if filter_fn is not None and not filter_fn(conv, fqn):
         report["left"][fqn] = "excluded by filter_fn"
         return
-    stem, stem_bn = FusedStem.fuse(conv, bn_owner, bn_name, cpu_channels_last)
+    stem, stem_bn = FusedStem.fuse(conv, bn_owner, bn_name)
     setattr(conv_owner, conv_name, stem)
     setattr(bn_owner, bn_name, stem_bn)
     report["fused"].append(fqn)

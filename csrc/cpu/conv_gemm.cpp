@@ -133,15 +133,21 @@ Tensor weight_matrix(const Tensor& weight) {
   return dense.as_strided({dense.size(0), row}, {row, 1});
 }
 
+// t in the strides of `like` (same shape): t itself when it has them.
+Tensor in_strides_of(const Tensor& t, const Tensor& like) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
+}
+
 // The weight gradient from its (O, kh*kw*I) matrix in the weight's own strides (what autograd
 // accumulates into without a copy, and what the fake kernels say: empty_like(weight)): a view
 // for a channels_last weight, a copy for any other (an NCHW model's).
 Tensor weight_from_matrix(const Tensor& rows, const Tensor& weight) {
   if (weight.is_contiguous(at::MemoryFormat::ChannelsLast))  // the rows' own order
     return rows.as_strided(weight.sizes(), weight.strides());
-  return at::empty_like(weight).copy_(
+  return in_strides_of(
       rows.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)})
-          .permute({0, 3, 1, 2}));
+          .permute({0, 3, 1, 2}),
+      weight);
 }
 
 // The input positions of kernel offsets (i, j) for the output pixels whose windows reach
@@ -194,9 +200,8 @@ Tensor col2im(const Tensor& grad_cols, const Tensor& input, const Window& win) {
                                 at::MemoryFormat::ChannelsLast)
                           .zero_();
   const Tensor nhwc = grad_input.permute({0, 2, 3, 1});
-  const Tensor windows =
-      (widen ? grad_cols.to(at::kFloat) : grad_cols)
-          .view({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c});
+  const Tensor windows =  // bf16 added into fp32 in place: no widened copy of them
+      grad_cols.view({n, win.h.out(), win.w.out(), win.h.kernel, win.w.kernel, c});
   for (int64_t i = 0; i < win.h.kernel; ++i)
     for (int64_t j = 0; j < win.w.kernel; ++j) {
       Tensor to, from;
@@ -204,11 +209,6 @@ Tensor col2im(const Tensor& grad_cols, const Tensor& input, const Window& win) {
         to.add_(from);
     }
   return widen ? grad_input.to(input.scalar_type()) : grad_input;
-}
-
-// t in the strides of `like` (same shape): t itself when it has them.
-Tensor in_strides_of(const Tensor& t, const Tensor& like) {
-  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
 }
 
 }  // namespace

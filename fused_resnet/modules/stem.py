@@ -82,16 +82,13 @@ STEM_NORM_TYPES = tuple(_STEM_NORMS.values())
 class FusedStem(DropsDerivedCaches, nn.Conv2d):
     """conv1 of a fused stem: relu(bn1(conv1(x))) through the fused conv ops."""
 
-    _cpu_channels_last = True  # set per stem by fuse (a stem pickled before it existed: True)
+    _cpu_channels_last = True  # set per stem by fuse_ (a stem pickled before it existed: True)
 
     @classmethod
-    def fuse(cls, conv: nn.Conv2d, bn_owner: nn.Module, bn_name: str,
-             cpu_channels_last: bool = True):
+    def fuse(cls, conv: nn.Conv2d, bn_owner: nn.Module, bn_name: str):
         """(FusedStem, its BN) to put in place of (conv, bn = bn_owner.<bn_name>); bn is an
         nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d. The stem remembers where its BN
-        lives: a module put there later (convert_sync_batchnorm after fuse_) is not bypassed.
-        cpu_channels_last: whether an NCHW input on the CPU is computed on in channels_last
-        (module docstring)."""
+        lives: a module put there later (convert_sync_batchnorm after fuse_) is not bypassed."""
         bn = getattr(bn_owner, bn_name)
         stem, stem_bn = _share(cls, conv), _share(_STEM_NORMS[type(bn)], bn)
         stem.__dict__["_stem_bn"] = stem_bn  # not registered: it lives where bn was
@@ -99,11 +96,11 @@ class FusedStem(DropsDerivedCaches, nn.Conv2d):
         stem.__dict__["_original"] = conv
         stem_bn.__dict__["_original"] = bn
         stem.__dict__["_fold_cache"] = {}
-        stem.__dict__["_cpu_channels_last"] = cpu_channels_last
         return stem, stem_bn
 
-    def compute_cpu_channels_last(self, enabled: bool) -> None:
-        """Set whether an NCHW input on the CPU is computed on in channels_last."""
+    def set_cpu_channels_last(self, enabled: bool) -> None:
+        """Set whether an NCHW input on the CPU is computed on in channels_last (module
+        docstring)."""
         self.__dict__["_cpu_channels_last"] = enabled
 
     def bn_in_place(self) -> bool:
